@@ -1,0 +1,64 @@
+"""ds_lab: DeepSpeed's ideas, re-implemented to be read, run and measured.
+
+    import ds_lab as deepspeed
+    engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=config)
+
+`initialize` takes DeepSpeed's arguments and returns DeepSpeed's 4-tuple. `launch(fn, world_size)`
+runs `fn` on real processes from a notebook cell or a script.
+"""
+from __future__ import annotations
+
+
+from ds_lab import comm
+from ds_lab.comm import init_distributed
+from ds_lab.config import ConfigError, DeepSpeedConfig
+from ds_lab.launch import RankError, launch
+
+__version__ = "0.1.0"
+
+__all__ = ["initialize", "init_distributed", "launch", "comm", "ConfigError", "RankError",
+           "DeepSpeedConfig", "DeepSpeedEngine", "__version__"]
+
+
+def _config_from(args, config, config_params):
+    if config is None:
+        config = config_params
+    arg_config = getattr(args, "deepspeed_config", None) if args is not None else None
+    if arg_config is not None and config is not None:
+        raise ConfigError("config given twice: as args.deepspeed_config and as config=; keep one")
+    config = config if config is not None else arg_config
+    if config is None:
+        raise ConfigError("no config: pass config= (a dict or a JSON path), or args with "
+                          "args.deepspeed_config")
+    return config
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
+               config_params=None):
+    """DeepSpeed's `deepspeed.initialize`: returns (engine, optimizer, training_dataloader, lr_scheduler).
+
+    Works inside a `ds_lab.launch`ed rank, under torchrun, and in a lone process (which becomes a
+    world of size 1).
+    """
+    from ds_lab.runtime.engine import DeepSpeedEngine
+
+    if model is None:
+        raise ValueError("initialize() needs model=")
+    if dist_init_required is not False:
+        init_distributed()
+    dp_world_size = mpu.get_data_parallel_world_size() if mpu is not None else comm.get_world_size()
+    ds_config = DeepSpeedConfig.from_any(_config_from(args, config, config_params), world_size=dp_world_size)
+    engine = DeepSpeedEngine(model, ds_config, optimizer=optimizer, model_parameters=model_parameters,
+                             lr_scheduler=lr_scheduler, training_data=training_data,
+                             collate_fn=collate_fn, mpu=mpu)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def __getattr__(name):
+    if name == "DeepSpeedEngine":
+        from ds_lab.runtime.engine import DeepSpeedEngine
+        return DeepSpeedEngine
+    if name == "zero":
+        raise AttributeError("ds_lab.zero (ZeRO stages 1-3, zero.Init) is not implemented yet")
+    raise AttributeError(f"module 'ds_lab' has no attribute {name!r}")

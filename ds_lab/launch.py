@@ -1,0 +1,257 @@
+"""Run a function on N real processes, from a notebook cell, a script or a test.
+
+    results = ds_lab.launch(train, 4, steps=10)     # -> [rank0_result, ..., rank3_result]
+
+How it works
+- The parent opens a TCPStore on a free loopback port (port 0: the OS picks, so two launches
+  never collide) and starts `world_size` child processes. Each child joins the process group
+  through that store (gloo on CPU; NCCL when every rank can have its own GPU), runs
+  `fn(*args, **kwargs)`, and sends back its result, its prints, its events, or its traceback, over
+  its own pipe.
+- Children are *forked* on CPU, so a function defined in a notebook cell just works (nothing has
+  to be pickled). GNU OpenMP is not fork-safe: a child that inherits a parent which already ran
+  multi-threaded torch ops and then starts a parallel region hangs. So each forked child runs
+  `torch.set_num_threads(1)` first, which is also the right setting when ranks share a few
+  cores. With NCCL the children are spawned (CUDA cannot be forked), and `fn` is pickled with
+  cloudpickle when it is installed.
+- A rank that raises makes `launch` raise `RankError` here, with that rank's traceback; the other
+  ranks are stopped at once. A rank that dies without a word (a crash, a kill) is reported too.
+  A collective that waits longer than `timeout` seconds raises in its rank, naming the rank and
+  the op (see `ds_lab.comm.CollectiveTimeoutError`). Nothing is left running: every exit path
+  terminates, joins and closes.
+- Under torchrun (RANK and WORLD_SIZE set), this process already is one rank: `fn` runs in
+  place and the list holds this rank's result only.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ds_lab import comm
+
+__all__ = ["launch", "RankError", "current_channel"]
+
+
+class RankError(RuntimeError):
+    """A rank of a launched job failed. `.rank` is which one; `.remote_traceback` its traceback."""
+
+    def __init__(self, rank: int, remote_traceback: str, others: Optional[dict] = None):
+        self.rank, self.remote_traceback, self.others = rank, remote_traceback, others or {}
+        msg = f"rank {rank} failed:\n\n{remote_traceback.rstrip()}"
+        for r, tb in sorted(self.others.items()):
+            msg += f"\n\n(rank {r} also failed: {tb.strip().splitlines()[-1]})"
+        super().__init__(msg)
+
+
+# ---- the child side -------------------------------------------------------------------------
+
+class _Channel:
+    """The child's end of its pipe. Messages are (kind, rank, payload), pickled with plain pickle
+    so tensors travel by value (torch's ForkingPickler would hand over shared-memory handles that
+    die with the child)."""
+
+    def __init__(self, conn, rank: int):
+        self.conn, self.rank, self.lock = conn, rank, threading.Lock()
+
+    def send(self, kind: str, payload) -> None:
+        data = pickle.dumps((kind, self.rank, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        with self.lock:
+            self.conn.send_bytes(data)
+
+
+_channel: Optional[_Channel] = None
+
+
+def current_channel() -> Optional[_Channel]:
+    """The pipe to the parent, inside a launched rank; None elsewhere."""
+    return _channel
+
+
+class _Forward:
+    """File-like object that forwards a child's prints to the parent (so they appear in the cell)."""
+
+    def __init__(self, channel: _Channel, stream: str):
+        self.channel, self.stream, self.pending = channel, stream, ""
+
+    def write(self, text: str) -> int:
+        # whole lines only, so prints of different ranks never interleave mid-line
+        self.pending += text
+        if "\n" in self.pending or "\r" in self.pending:
+            cut = max(self.pending.rfind("\n"), self.pending.rfind("\r")) + 1
+            self.channel.send(self.stream, self.pending[:cut])
+            self.pending = self.pending[cut:]
+        return len(text)
+
+    def flush(self):
+        if self.pending:
+            self.channel.send(self.stream, self.pending)
+            self.pending = ""
+
+    def isatty(self):
+        return False
+
+
+def _child(rank, world_size, port, backend, timeout, conn, payload, threads, forked):
+    global _channel
+    _channel = _Channel(conn, rank)
+    sys.stdout, sys.stderr = _Forward(_channel, "stdout"), _Forward(_channel, "stderr")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    comm.reset_log()  # a forked child inherits the parent's log
+    try:
+        fn, args, kwargs = payload if forked else _loads_fn(payload)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout))
+        comm.init_distributed(backend, timeout=timeout, rank=rank, world_size=world_size, store=store)
+        result = fn(*args, **kwargs)
+        sys.stdout.flush(), sys.stderr.flush()
+        _channel.send("result", result)
+    except BaseException:
+        sys.stdout.flush(), sys.stderr.flush()
+        _channel.send("error", traceback.format_exc())
+        conn.close()
+        os._exit(1)  # skip atexit hooks: a broken process group must not hang the exit
+    finally:
+        if _channel is not None and not conn.closed:
+            try:
+                comm.destroy()
+            finally:
+                conn.close()
+
+
+def _dumps_fn(fn, args, kwargs) -> bytes:
+    try:
+        import cloudpickle
+        return cloudpickle.dumps((fn, args, kwargs))
+    except ImportError:
+        return pickle.dumps((fn, args, kwargs))
+
+
+def _loads_fn(payload: bytes):
+    return pickle.loads(payload)
+
+
+# ---- the parent side ------------------------------------------------------------------------
+
+def _default_backend(world_size: int) -> str:
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def _run_in_place(fn, world_size, args, kwargs, backend, timeout):
+    env_world = int(os.environ["WORLD_SIZE"])
+    if world_size is not None and world_size != env_world:
+        raise ValueError(f"launch(world_size={world_size}) inside a job of WORLD_SIZE={env_world} "
+                         f"(torchrun or a launched rank); pass world_size={env_world} or None")
+    comm.init_distributed(backend, timeout=timeout)
+    return [fn(*args, **kwargs)]
+
+
+def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str] = None,
+           timeout: float = 120.0, on_event: Optional[Callable] = None,
+           start_method: Optional[str] = None, deadline: Optional[float] = None, **kwargs) -> list:
+    """Run `fn(*args, **kwargs)` on `world_size` ranks; return their results in rank order.
+
+    backend: "gloo" or "nccl" (default: NCCL when there is a GPU per rank, else gloo).
+    timeout: seconds a collective may wait before it fails (and names itself).
+    on_event: called as `on_event(rank, kind, payload)` for each event a rank publishes while it
+        runs (see `ds_lab.monitor.events`).
+    deadline: optional limit in seconds on the whole run; past it every rank is stopped.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _run_in_place(fn, world_size, args, kwargs, backend, timeout)
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    backend = backend or _default_backend(world_size)
+    if start_method is None:
+        cuda_used = backend == "nccl" or torch.cuda.is_initialized()
+        start_method = "spawn" if cuda_used or "fork" not in mp.get_all_start_methods() else "fork"
+    forked = start_method == "fork"
+    ctx = mp.get_context(start_method)
+    payload = (fn, args, kwargs) if forked else _dumps_fn(fn, args, kwargs)
+    threads = 1 if forked else max(1, (os.cpu_count() or 1) // world_size)
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    procs, conns = [], {}
+    try:
+        for rank in range(world_size):
+            reader, writer = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_child, name=f"ds_lab-rank{rank}", daemon=True,
+                            args=(rank, world_size, store.port, backend, timeout, writer, payload,
+                                  threads, forked))
+            p.start()
+            writer.close()  # the parent keeps only the reading end: EOF means the child is gone
+            procs.append(p)
+            conns[reader] = rank
+        return _collect(procs, conns, on_event, deadline)
+    finally:
+        _stop(procs)
+        for c in conns:
+            c.close()
+        del store
+
+
+def _collect(procs, conns, on_event, deadline) -> list:
+    world_size = len(procs)
+    results, finished, errors = [None] * world_size, set(), {}
+    open_conns = dict(conns)
+    t_end = None if deadline is None else time.monotonic() + deadline
+    while len(finished) < world_size and not errors:
+        for conn in mp.connection.wait(list(open_conns), timeout=0.5):
+            rank = open_conns[conn]
+            try:
+                kind, _, payload = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                del open_conns[conn]
+                if rank not in finished and rank not in errors:
+                    procs[rank].join(timeout=5)
+                    errors[rank] = (f"rank {rank} exited (code {procs[rank].exitcode}) without a result "
+                                    f"or a traceback: it crashed or was killed\n")
+                continue
+            if kind == "result":
+                results[rank] = payload
+                finished.add(rank)
+            elif kind == "error":
+                errors[rank] = payload
+            elif kind in ("stdout", "stderr"):
+                (sys.stdout if kind == "stdout" else sys.stderr).write(payload)
+            elif on_event is not None:
+                on_event(rank, kind, payload)
+        if t_end is not None and time.monotonic() > t_end and not errors:
+            errors[-1] = f"the job ran past its deadline of {deadline} s and was stopped\n"
+    if errors:
+        first = min(errors, key=lambda r: (r < 0, r))
+        others = {r: tb for r, tb in errors.items() if r != first}
+        if first < 0:
+            raise TimeoutError(errors[first])
+        raise RankError(first, errors[first], others)
+    return results
+
+
+def _stop(procs) -> None:
+    """Terminate, then kill, then join every child still alive: nothing may be left running."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    t_end = time.monotonic() + 3
+    for p in procs:
+        p.join(timeout=max(0.0, t_end - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()

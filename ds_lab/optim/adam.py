@@ -1,0 +1,81 @@
+"""Adam and AdamW, with exactly K = 8 bytes of state per fp32 parameter (the paper's count).
+
+For each parameter p with gradient g, at step t (lr, betas (b1, b2), eps, weight decay wd):
+
+    AdamW (adam_w_mode=True):  p <- p (1 - lr wd)            decoupled decay (Loshchilov & Hutter)
+    Adam  (adam_w_mode=False): g <- g + wd p                  L2 penalty folded into the gradient
+    m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+
+Two moments, m and v, in fp32: 8 bytes per parameter, which with the fp32 master copy (4 bytes)
+is the K = 12 of mixed-precision ZeRO. The step count t is a Python int per group (as in
+DeepSpeed's FusedAdam), not a tensor per parameter, so the memory ledger sees exactly 8Ψ.
+The math is the same as torch.optim.Adam/AdamW's (tests compare them); the update runs with
+torch's `_foreach` ops, one launch per group.
+
+DeepSpeed's `"type": "Adam"` means adam_w_mode=True (decoupled decay) and weight_decay=0 by
+default; `ds_lab.config` resolves that and `build_optimizer` follows it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Adam(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 adam_w_mode=True, bias_correction=True):
+        if lr < 0 or eps < 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1:
+            raise ValueError(f"invalid Adam hyper-parameters lr={lr} betas={betas} eps={eps}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        adam_w_mode=adam_w_mode, bias_correction=bias_correction, step=0)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+            group["step"] += 1
+            self._update(group, params, grads, exp_avgs, exp_avg_sqs)
+        return loss
+
+    @staticmethod
+    def _update(group, params, grads, exp_avgs, exp_avg_sqs):
+        lr, (beta1, beta2), eps, wd, t = (group["lr"], group["betas"], group["eps"],
+                                          group["weight_decay"], group["step"])
+        if wd != 0:
+            if group["adam_w_mode"]:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            else:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        if group["bias_correction"]:
+            bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+        else:
+            bias1 = bias2 = 1.0
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, math.sqrt(bias2))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bias1)
+
+
+def build_optimizer(optimizer_config, params) -> Adam:
+    """The optimizer a config names. `ds_lab.config` has already resolved DeepSpeed's rule that
+    "Adam" means decoupled weight decay unless `adam_w_mode` is false, into the type."""
+    return Adam(params, adam_w_mode=optimizer_config.type == "AdamW", **optimizer_config.params)

@@ -1,0 +1,298 @@
+"""The engine: forward, backward, step, with DeepSpeed's names and semantics.
+
+    engine, optimizer, _, _ = ds_lab.initialize(model=model, config=cfg)
+    for batch in loader:
+        loss = engine(**batch).loss
+        engine.backward(loss)          # loss / accumulation steps (x loss scale in fp16)
+        engine.step()                  # acts only at the accumulation boundary
+
+One optimizer step = `gradient_accumulation_steps` micro-steps on every data-parallel rank:
+    train_batch_size = micro_batch_per_gpu x gradient_accumulation_steps x data-parallel size
+
+At the boundary `step()` does, in order: (fp16) check for inf/nan and skip the step if any, with
+the loss scaler adjusting; copy gradients to the fp32 master weights (bf16/fp16); unscale and clip
+them to `gradient_clipping` by their global norm; run the optimizer; copy the master weights back;
+step the LR scheduler; zero the gradients. Gradients were already averaged over the data-parallel
+ranks during backward (`runtime/data_parallel.py`).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ds_lab import comm
+from ds_lab.config import ConfigError, DeepSpeedConfig
+from ds_lab.monitor.monitors import build_monitors
+from ds_lab.monitor.memory import ActivationTracker, cuda_allocator, ledger, optimizer_state_tensors
+from ds_lab.optim import build_optimizer
+from ds_lab.runtime import checkpoint
+from ds_lab.runtime.data_parallel import BucketedAllReduce
+from ds_lab.runtime.lr_schedules import build_scheduler
+from ds_lab.runtime.precision import DTYPES, has_overflow, make_loss_scaler
+
+
+class DeepSpeedEngine(torch.nn.Module):
+    def __init__(self, model, config: DeepSpeedConfig, optimizer=None, model_parameters=None,
+                 lr_scheduler=None, training_data=None, collate_fn=None, mpu=None):
+        super().__init__()
+        self.module = model
+        self.config = config
+        self.mpu = mpu
+        self.dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+        self.dp_world_size = comm.get_world_size(self.dp_group)
+        self.dp_rank = comm.get_rank(self.dp_group)
+        self.device = comm.device()
+        self.precision = config.precision
+        self.global_steps = self.global_samples = self.micro_steps = self.skipped_steps = 0
+        self._global_grad_norm = None
+        self._step_applied = False
+        self.losses = []  # this optimizer step's micro-batch losses (unscaled), for monitors
+
+        model.to(self.device)
+        self._broadcast_model()
+        self.optimizer, self.master_params = self._configure_optimizer(optimizer, model_parameters)
+        if self.precision != "fp32":
+            model.to(DTYPES[self.precision])  # same Parameter objects, now 2 bytes each
+        zero = config.zero_optimization
+        self.reducer = BucketedAllReduce(list(model.parameters()), zero.reduce_bucket_size,
+                                         group=self.dp_group,
+                                         overlap=True if zero.overlap_comm is None else zero.overlap_comm)
+        self.loss_scaler = make_loss_scaler(config.fp16)
+        self.lr_scheduler = self._configure_scheduler(lr_scheduler)
+        self.training_dataloader = self._dataloader(training_data, collate_fn) if training_data is not None else None
+        self.activations = ActivationTracker(exclude=list(model.parameters()))
+        self.timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+        self.monitors = build_monitors(config, rank=comm.get_rank())
+
+    # ---- construction ----------------------------------------------------------------------------
+    def _broadcast_model(self) -> None:
+        """Every rank starts from the weights of data-parallel rank 0 (DeepSpeed does the same)."""
+        if self.dp_world_size == 1:
+            return
+        src = comm.get_global_rank(self.dp_group, 0)
+        with torch.no_grad():
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                comm.broadcast(t.data, src=src, group=self.dp_group)
+
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        """Return (optimizer, master params). In mixed precision the optimizer is pointed at fp32
+        copies of the parameters (the master weights), never at the 2-byte model weights."""
+        params = list(model_parameters) if model_parameters is not None else list(self.module.parameters())
+        mixed = self.precision != "fp32"
+        masters = {}
+
+        def to_master(p):
+            if not mixed:
+                return p
+            if p not in masters:
+                masters[p] = torch.nn.Parameter(p.detach().clone().float())
+            return masters[p]
+
+        def remap(groups):
+            if groups and isinstance(groups[0], dict):
+                return [dict(g, params=[to_master(p) for p in g["params"]]) for g in groups]
+            return [to_master(p) for p in groups]
+
+        if isinstance(client_optimizer, torch.optim.Optimizer):
+            if client_optimizer.state:
+                raise ConfigError("the client optimizer already has state; pass it to initialize() "
+                                  "before its first step")
+            for group in client_optimizer.param_groups:
+                group["params"] = [to_master(p) for p in group["params"]]
+            optimizer = client_optimizer
+        elif callable(client_optimizer):
+            optimizer = client_optimizer(remap(params))
+        elif self.config.optimizer is not None:
+            try:
+                optimizer = build_optimizer(self.config.optimizer, remap(params))
+            except TypeError as err:
+                raise ConfigError(f"optimizer.params {self.config.optimizer.params}: {err}") from err
+        else:
+            optimizer = None
+        self.master_of = masters  # model param -> fp32 master
+        return optimizer, list(masters.values())
+
+    def _configure_scheduler(self, client_scheduler):
+        if self.config.scheduler is not None:
+            if self.optimizer is None:
+                raise ConfigError("the config has a 'scheduler' but there is no optimizer")
+            return build_scheduler(self.config.scheduler, self.optimizer)
+        if callable(client_scheduler) and not hasattr(client_scheduler, "step"):
+            return client_scheduler(self.optimizer)
+        return client_scheduler
+
+    def _dataloader(self, dataset, collate_fn):
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=self.dp_world_size,
+                                                      rank=self.dp_rank)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.train_micro_batch_size_per_gpu(),
+                                           sampler=sampler, collate_fn=collate_fn, drop_last=True)
+
+    # ---- DeepSpeed's accessors -------------------------------------------------------------------
+    def train_batch_size(self) -> int:
+        return self.config.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.config.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.config.gradient_accumulation_steps
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def get_lr(self) -> list:
+        return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
+
+    def get_global_grad_norm(self):
+        return self._global_grad_norm
+
+    def was_step_applied(self) -> bool:
+        return self._step_applied
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.loss_scale if self.loss_scaler else 1.0
+
+    # ---- training --------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        if torch.is_grad_enabled() and self.module.training:
+            with self.activations.track():
+                out = self.module(*args, **kwargs)
+        else:
+            out = self.module(*args, **kwargs)
+        self.timers["forward"] += time.perf_counter() - t0
+        return out
+
+    def backward(self, loss, retain_graph: bool = False, scale_wrt_gradient_accumulation_steps: bool = True):
+        t0 = time.perf_counter()
+        self.losses.append(loss.detach().float())
+        if scale_wrt_gradient_accumulation_steps and self.gradient_accumulation_steps() > 1:
+            loss = loss / self.gradient_accumulation_steps()
+        if self.loss_scaler is not None:
+            loss = loss.float() * self.loss_scaler.loss_scale
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
+            self.reducer.start()
+        loss.backward(retain_graph=retain_graph)
+        if boundary:
+            self.reducer.finish()
+        self.timers["backward"] += time.perf_counter() - t0
+        return loss
+
+    def zero_grad(self) -> None:
+        self.reducer.zero_grad()
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        if self.is_gradient_accumulation_boundary():
+            if self.optimizer is None:
+                raise ConfigError("engine.step() needs an optimizer: pass optimizer= to initialize() "
+                                  "or add an 'optimizer' section to the config")
+            self._take_model_step()
+        self.micro_steps += 1
+        self.timers["step"] += time.perf_counter() - t0
+
+    def _take_model_step(self) -> None:
+        model_params = [p for p in self.module.parameters() if p.requires_grad]
+        overflow = self.loss_scaler is not None and has_overflow([self.reducer.buffer])
+        if overflow:
+            self.skipped_steps += 1
+            self._step_applied = False
+        else:
+            self._apply_step(model_params)
+            self._step_applied = True
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(overflow)
+        self.zero_grad()
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        self._report(overflow)
+        self.losses = []
+
+    def _apply_step(self, model_params) -> None:
+        if self.master_of:
+            for p, master in self.master_of.items():
+                master.grad = p.grad.float() if p.grad is not None else None
+            grads = [m.grad for m in self.master_of.values() if m.grad is not None]
+        else:
+            grads = [p.grad for p in model_params if p.grad is not None]
+        inv_scale = 1.0 / self.loss_scale
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self._global_grad_norm = norm.item() * inv_scale
+        coef = inv_scale
+        clip = self.config.gradient_clipping
+        if clip > 0:
+            coef *= min(clip / (self._global_grad_norm + 1e-6), 1.0)
+        if coef != 1.0:
+            torch._foreach_mul_(grads, coef)
+        self.optimizer.step()
+        if self.master_of:
+            with torch.no_grad():
+                for p, master in self.master_of.items():
+                    p.copy_(master)
+                    master.grad = None  # the fp32 gradient copy lives only during the step
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def _report(self, overflow: bool) -> None:
+        if not self.losses:
+            return
+        loss = torch.stack(self.losses).mean().item()
+        for monitor in self.monitors:
+            monitor.write([("Train/Samples/train_loss", loss, self.global_samples),
+                           ("Train/Samples/lr", self.get_lr()[0], self.global_samples)]
+                          + ([("Train/Samples/loss_scale", self.loss_scale, self.global_samples)]
+                             if self.loss_scaler else []))
+        every = self.config.steps_per_print
+        if every and self.global_steps % every == 0 and comm.get_rank() == 0:
+            print(f"[ds_lab] step={self.global_steps}, skipped={self.skipped_steps}, "
+                  f"lr={self.get_lr()}, loss={loss:.4f}" + (" (overflow, step skipped)" if overflow else ""))
+            if self.config.wall_clock_breakdown:
+                ms = {k: 1e3 * v / every for k, v in self.timers.items()}
+                print("[ds_lab] time (ms) per step | " + " | ".join(f"{k}: {v:.2f}" for k, v in ms.items()))
+                self.timers = dict.fromkeys(self.timers, 0.0)
+
+    # ---- measurement -----------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """Bytes on this rank by category, from the tensors that exist now (see monitor/memory.py)."""
+        params = list(self.module.parameters())
+        report = ledger({
+            "params": params,
+            "grads": [self.reducer.buffer] + [p.grad for p in params],
+            "master_params": self.master_params,
+            "optimizer_states": optimizer_state_tensors(self.optimizer),
+            "buffers": list(self.module.buffers()),
+        })
+        report["activations_peak"] = self.activations.peak
+        report["grad_padding"] = self.reducer.buffer.numel() - sum(p.numel() for p in self.reducer.params)
+        allocator = cuda_allocator(self.device)
+        if allocator:
+            report["allocator"] = allocator
+        return report
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True):
+        return checkpoint.save(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest)
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False):
+        return checkpoint.load(self, load_dir, tag=tag, strict=load_module_strict,
+                               load_optimizer_states=load_optimizer_states and not load_module_only,
+                               load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only)
+
+    def __getattr__(self, name):
+        # unknown attributes go to the wrapped model, as DeepSpeed's engine does
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = super().__getattr__("module")
+            if hasattr(module, name):
+                return getattr(module, name)
+            raise
+

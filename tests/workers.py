@@ -1,0 +1,112 @@
+"""Functions the tests run on launched ranks (kept importable, out of the test modules)."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+import ds_lab
+from ds_lab import comm
+from ds_lab.data import DistributedLoader, corpus_tokens
+from ds_lab.models import GPT, GPTConfig
+
+# A deliberately odd-sized model: Ψ is odd, so it divides by none of 2, 3, 4.
+TINY = dict(vocab_size=257, block_size=16, n_layer=2, n_head=5, n_embd=35)
+
+
+def pid_file_worker(folder, fail_rank=None, hang_rank=None):
+    path = os.path.join(folder, f"rank{comm.get_rank()}.pid")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)  # a rank killed mid-write leaves no half-written pid
+    if comm.get_rank() == fail_rank:
+        raise ValueError(f"boom from rank {comm.get_rank()}")
+    if comm.get_rank() == hang_rank:
+        time.sleep(600)  # never reaches the all_reduce below
+    t = torch.ones(4)
+    comm.all_reduce(t)
+    return comm.get_rank()
+
+
+def collectives_worker():
+    rank, n = comm.get_rank(), comm.get_world_size()
+    t = torch.full((5,), float(rank + 1))
+    comm.all_reduce(t)
+    gathered = torch.empty(3 * n)
+    comm.all_gather(gathered, torch.full((3,), float(rank)))
+    shard = torch.empty(2)
+    comm.reduce_scatter(shard, torch.arange(2.0 * n))
+    b = torch.full((4,), float(rank))
+    comm.broadcast(b, src=0)
+    h = comm.all_reduce(torch.ones(7, dtype=torch.bfloat16), async_op=True)
+    pending_seconds = comm.get_log()[-1].seconds  # must be None: recording did not wait
+    h.wait()
+    if n >= 2:
+        if rank == 0:
+            comm.send(torch.ones(6), dst=1)
+        elif rank == 1:
+            comm.recv(torch.empty(6), src=0)
+    log = [(r.op, r.bytes, r.group_size, r.seconds is not None) for r in comm.get_log()]
+    print(f"rank {rank} done")
+    return dict(all_reduce=t, all_gather=gathered, reduce_scatter=shard, broadcast=b,
+                pending_seconds=pending_seconds, log=log)
+
+
+def make_batches(steps, global_batch, seq_len, seed=1):
+    loader = DistributedLoader(corpus_tokens(), seq_len, global_batch, seed=seed)
+    return [loader.batch(i)["input_ids"] for i in range(steps)]
+
+
+def rank_slice(batch, rank, world_size, micro, accumulation):
+    """Rank r, micro-step m gets rows [(r*A + m) * B, ...): together they cover the global batch."""
+    b = batch.shape[0] // (world_size * accumulation)
+    start = (rank * accumulation + micro) * b
+    return batch[start:start + b]
+
+
+def dp_train_worker(config, batches, model=None, seed=0, inject_inf_at=None):
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(**(model or TINY)))
+    engine, _, _, _ = ds_lab.initialize(model=gpt, config=config)
+    rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
+    losses, scales, applied, grad_bytes = [], [], [], []
+    for step, batch in enumerate(batches):
+        comm.reset_log()
+        step_losses = []
+        for micro in range(accumulation):
+            x = rank_slice(batch, rank, n, micro, accumulation)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            if inject_inf_at == step and micro == accumulation - 1 and rank == 0:
+                next(engine.module.parameters()).grad.view(-1)[0] = float("inf")
+            engine.step()
+            step_losses.append(loss.detach().float())
+        mean = torch.stack(step_losses).mean()
+        comm.all_reduce(mean)
+        losses.append(mean.item() / n)
+        scales.append(engine.loss_scale)
+        applied.append(engine.was_step_applied())
+        grad_bytes.append(sum(r.bytes for r in comm.get_log() if r.tag == "grad_allreduce"))
+    weights = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    return dict(losses=losses, weights=weights, scales=scales, applied=applied, grad_bytes=grad_bytes,
+                memory=engine.memory_report(), num_parameters=engine.num_parameters(),
+                grad_elements=engine.reducer.buffer.numel(), grad_element_size=engine.reducer.buffer.element_size())
+
+
+def reference_train(batches, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip=1.0,
+                    model=None, seed=0):
+    """Plain PyTorch, one process, the whole global batch at once: what every mode must match."""
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(**(model or TINY)))
+    opt = torch.optim.AdamW(gpt.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    losses = []
+    for batch in batches:
+        loss = gpt(input_ids=batch, labels=batch).loss
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return dict(losses=losses, weights={k: v.detach().clone() for k, v in gpt.state_dict().items()})
