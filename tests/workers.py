@@ -110,3 +110,56 @@ def reference_train(batches, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay
         opt.zero_grad()
         losses.append(loss.item())
     return dict(losses=losses, weights={k: v.detach().clone() for k, v in gpt.state_dict().items()})
+
+
+def checkpoint_worker(config, batches, ckpt_dir, resume=False, model=None):
+    """Train on `batches`; resume=False: then save. resume=True: load first, then train."""
+    torch.manual_seed(123 if resume else 0)  # a different init: loading must overwrite it
+    engine, _, _, _ = ds_lab.initialize(model=GPT(GPTConfig(**(model or TINY))), config=config)
+    client = None
+    if resume:
+        path, client = engine.load_checkpoint(ckpt_dir)
+        assert path is not None
+    rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
+    losses = []
+    for batch in batches:
+        for micro in range(accumulation):
+            x = rank_slice(batch, rank, n, micro, accumulation)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+        losses.append(loss.item())
+    if not resume:
+        engine.save_checkpoint(ckpt_dir, client_state={"data_position": len(batches)})
+    return dict(losses=losses, client_state=client, global_steps=engine.global_steps,
+                lr=engine.get_lr(), scale=engine.loss_scale)
+
+
+def load_only_worker(ckpt_dir, config, tag=None):
+    engine, _, _, _ = ds_lab.initialize(model=GPT(GPTConfig(**TINY)), config=config)
+    return engine.load_checkpoint(ckpt_dir, tag=tag)
+
+
+def hf_article_example(save_dir, steps=3):
+    """The article's §5.2 loop with only the import changed (and the model built from a config)."""
+    import ds_lab as deepspeed
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    learning_rate = 1e-4
+    config = {"train_micro_batch_size_per_gpu": 2}
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=learning_rate), config=config)
+    losses = []
+    for _ in range(steps):
+        input_ids = torch.randint(0, 256, (2, 16))
+        attention_mask = torch.ones_like(input_ids)
+        outputs = engine(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+        loss = outputs.loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    engine.save_checkpoint(save_dir)
+    return dict(losses=losses, steps=engine.global_steps)

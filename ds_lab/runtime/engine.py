@@ -196,7 +196,7 @@ class DeepSpeedEngine(torch.nn.Module):
 
     def _take_model_step(self) -> None:
         model_params = [p for p in self.module.parameters() if p.requires_grad]
-        overflow = self.loss_scaler is not None and has_overflow([self.reducer.buffer])
+        overflow = self.loss_scaler is not None and self._overflow()
         if overflow:
             self.skipped_steps += 1
             self._step_applied = False
@@ -210,6 +210,14 @@ class DeepSpeedEngine(torch.nn.Module):
         self.global_samples += self.train_batch_size()
         self._report(overflow)
         self.losses = []
+
+    def _overflow(self) -> bool:
+        """Any inf/nan in any rank's gradients? All ranks must agree, or they would diverge."""
+        flag = torch.tensor([float(has_overflow([self.reducer.buffer]))], device=self.device)
+        if self.dp_world_size > 1:
+            with comm.tag("overflow_check"):
+                comm.all_reduce(flag, op=comm.ReduceOp.MAX, group=self.dp_group)
+        return bool(flag.item())
 
     def _apply_step(self, model_params) -> None:
         if self.master_of:

@@ -1,0 +1,202 @@
+"""ds_lab's data-parallel engine against torch DistributedDataParallel: same model, data, ranks.
+
+    python benchmarks/dp_vs_ddp.py                      # 2 ranks (gloo), GPT 4x128, 25 MiB buckets
+    python benchmarks/dp_vs_ddp.py --no-overlap         # ds_lab reduces only after backward
+    python benchmarks/dp_vs_ddp.py --bucket-mb 0.25     # many buckets: where overlap can matter
+
+Both sides live in the same launched process on every rank and start from the same weights (one
+GPT built from a seed, deep-copied for DDP). They train on the same batches (`DistributedLoader`
+draw i on step i), in fp32, with the same AdamW hyper-parameters and gradient clipping:
+
+    ds_lab : engine(**batch) -> engine.backward(loss) -> engine.step()
+             (config AdamW; clipping by `gradient_clipping`; buckets of `reduce_bucket_size`)
+    DDP    : zero_grad -> ddp(**batch) -> loss.backward() -> clip_grad_norm_ -> AdamW.step()
+             (torch.optim.AdamW; buckets of `bucket_cap_mb`)
+
+Buckets are matched: DDP's default 25 MiB, passed explicitly as `bucket_cap_mb` (so DDP's first
+bucket is 25 MiB too, not its default 1 MiB), and ds_lab's `zero_optimization.reduce_bucket_size`
+is the same bytes in fp32 elements: 25 x 2**20 / 4 = 6_553_600. The default GPT has 0.84 M
+parameters (3.4 MB), so each side reduces its gradients in a single bucket.
+
+Timing is interleaved: every iteration times one ds_lab step and one DDP step, and the order
+alternates (ds_lab first on even iterations, DDP first on odd ones) so that cache or scheduler
+effects of going first or second cancel. A barrier (not timed) precedes each timed step, so both
+ranks start it together. Warm-up iterations are not timed. The table reports rank 0's medians
+and the ratio ds_lab / DDP two ways: the median of the per-iteration ratios, and the ratio of the
+medians. The losses of both sides are checked to agree on every step and rank.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import ds_lab  # noqa: E402
+from ds_lab import comm  # noqa: E402
+from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
+from ds_lab.models import GPT, GPTConfig  # noqa: E402
+
+MIB = 2**20
+PHASES = ("forward", "backward", "step")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations")
+    p.add_argument("--iters", type=int, default=200, help="timed iterations (one step of each side)")
+    p.add_argument("--bucket-mb", type=float, default=25.0,
+                   help="DDP bucket_cap_mb; ds_lab reduce_bucket_size = this many MiB of fp32 elements")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="ds_lab zero_optimization.overlap_comm (DDP always overlaps)")
+    p.add_argument("--ddp-foreach", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch AdamW foreach=True, the multi-tensor kernels ds_lab's AdamW uses "
+                        "(on CPU torch's default is the per-parameter loop)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping (max global norm), both sides")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def ds_config(args) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                   "weight_decay": args.weight_decay}},
+        "gradient_clipping": args.clip,
+        "zero_optimization": {"stage": 0, "reduce_bucket_size": int(args.bucket_mb * MIB) // 4,
+                              "overlap_comm": args.overlap},
+    }
+
+
+def worker(args) -> dict:
+    rank = comm.get_rank()
+    model_cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                          block_size=args.block_size)
+    torch.manual_seed(args.seed)
+    model = GPT(model_cfg)
+    twin = copy.deepcopy(model)  # same initial weights for DDP
+
+    engine, _, _, _ = ds_lab.initialize(model=model, config=ds_config(args))
+    ddp = DistributedDataParallel(twin, bucket_cap_mb=args.bucket_mb)
+    opt_cfg = engine.config.optimizer.params
+    ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
+                                eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"],
+                                foreach=args.ddp_foreach)
+    loader = DistributedLoader(corpus_tokens(), args.block_size, args.micro_batch,
+                               dp_rank=engine.dp_rank, dp_size=engine.dp_world_size, seed=args.seed)
+
+    def ds_step(batch, t):
+        out = engine(**batch)
+        t.append(time.perf_counter())
+        engine.backward(out.loss)
+        t.append(time.perf_counter())
+        engine.step()
+        return out.loss
+
+    def ddp_step(batch, t):
+        ddp_opt.zero_grad(set_to_none=True)
+        out = ddp(**batch)
+        t.append(time.perf_counter())
+        out.loss.backward()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), args.clip)
+        ddp_opt.step()
+        return out.loss
+
+    sides = {"ds_lab": ds_step, "DDP": ddp_step}
+    times = {name: {ph: [] for ph in ("total",) + PHASES} for name in sides}
+    losses = {name: [] for name in sides}
+    for i in range(args.warmup + args.iters):
+        if i == args.warmup:
+            comm.reset_log()  # count only the timed steps' collectives
+        batch = loader.batch(i)
+        order = ("ds_lab", "DDP") if i % 2 == 0 else ("DDP", "ds_lab")
+        for name in order:
+            dist.barrier()  # straight to torch: the barrier is ours, not ds_lab's traffic
+            t = [time.perf_counter()]
+            loss = sides[name](batch, t)
+            t.append(time.perf_counter())
+            losses[name].append(loss.item())
+            if i >= args.warmup:
+                times[name]["total"].append(t[3] - t[0])
+                for ph, a, b in zip(PHASES, t, t[1:]):
+                    times[name][ph].append(b - a)
+    comm_records = [r for r in comm.get_log() if r.tag == "grad_allreduce"]
+    max_param_diff = max((p.detach() - q.detach()).abs().max().item()
+                         for p, q in zip(engine.module.parameters(), ddp.module.parameters()))
+    return dict(rank=rank, threads=torch.get_num_threads(), times=times, losses=losses, max_param_diff=max_param_diff,
+                num_parameters=engine.num_parameters(),
+                buckets=len(engine.reducer.buckets),
+                comm_bytes=sum(r.bytes for r in comm_records) / args.iters,
+                comm_wire_bytes=sum(r.wire_bytes for r in comm_records) / args.iters,
+                comm_calls=len(comm_records) / args.iters)
+
+
+def median_ms(xs) -> float:
+    return 1e3 * statistics.median(xs)
+
+
+def report(args, results) -> str:
+    r0 = results[0]
+    t = r0["times"]
+    lines = [f"GPT n_layer={args.n_layer} n_head={args.n_head} n_embd={args.n_embd} "
+             f"block_size={args.block_size}: {r0['num_parameters']:,} parameters "
+             f"({4 * r0['num_parameters'] / MIB:.2f} MiB fp32); micro-batch {args.micro_batch} x "
+             f"{args.world_size} ranks (gloo, {r0['threads']} torch thread(s) per rank)",
+             f"buckets: DDP bucket_cap_mb={args.bucket_mb:g}, ds_lab reduce_bucket_size="
+             f"{int(args.bucket_mb * MIB) // 4:,} elements ({r0['buckets']} bucket(s)); "
+             f"ds_lab overlap_comm={args.overlap}; DDP AdamW foreach={args.ddp_foreach}",
+             f"{args.iters} timed iterations after {args.warmup} warm-up, order alternating", "",
+             "rank 0, median ms per step:",
+             f"| side   | step (total) | forward | backward (+all-reduce) | optimizer step | "
+             f"all-reduce bytes/step |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in ("ds_lab", "DDP"):
+        nbytes = (f"{r0['comm_bytes'] / MIB:.2f} MiB in {r0['comm_calls']:g} call(s) "
+                  f"(wire {r0['comm_wire_bytes'] / MIB:.2f} MiB)" if name == "ds_lab"
+                  else "same tensors (not logged)")
+        lines.append(f"| {name:<6} | {median_ms(t[name]['total']):12.2f} | "
+                     + " | ".join(f"{median_ms(t[name][ph]):.2f}" for ph in PHASES) + f" | {nbytes} |")
+    lines.append("")
+    for r in results:
+        ds, dd = r["times"]["ds_lab"]["total"], r["times"]["DDP"]["total"]
+        per_iter = statistics.median(a / b for a, b in zip(ds, dd))
+        lines.append(f"rank {r['rank']}: ds_lab {median_ms(ds):.2f} ms, DDP {median_ms(dd):.2f} ms; "
+                     f"ratio ds_lab/DDP: median of per-iteration ratios {per_iter:.3f}, "
+                     f"ratio of medians {statistics.median(ds) / statistics.median(dd):.3f}")
+    loss_diff = max(abs(a - b) for r in results
+                    for a, b in zip(r["losses"]["ds_lab"], r["losses"]["DDP"]))
+    param_diff = max(r["max_param_diff"] for r in results)
+    agree = loss_diff <= 1e-4 and param_diff <= 1e-4
+    lines.append(f"losses agree: {agree} (max |loss_ds_lab - loss_DDP| over {args.warmup + args.iters} "
+                 f"steps and all ranks = {loss_diff:.2e}; max |param diff| at the end = {param_diff:.2e}; "
+                 f"rank 0 loss {r0['losses']['ds_lab'][0]:.4f} -> {r0['losses']['ds_lab'][-1]:.4f})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = ds_lab.launch(worker, args.world_size, args)
+    print(report(args, results))
+
+
+if __name__ == "__main__":
+    main()
