@@ -15,7 +15,7 @@ import sys
 import time
 
 from ds_lab import comm
-from ds_lab.config import ConfigError
+from ds_lab.config import ConfigError, DeepSpeedConfig
 
 
 def _train(args) -> int:
@@ -34,6 +34,7 @@ def _train(args) -> int:
         config["gradient_accumulation_steps"] = args.grad_accum
     if args.precision != "fp32":
         config[args.precision] = {"enabled": True}
+    DeepSpeedConfig.from_any(config, world_size=args.world_size)  # a bad config fails here, clearly
     model = dict(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.seq_len)
     print(f"ds-lab train: {args.world_size} ranks, {args.steps} steps, precision {args.precision}")
     t0 = time.perf_counter()
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the small GPT on the shipped corpus across N processes")
     train.add_argument("--world-size", type=int, default=2)
-    train.add_argument("--steps", type=int, default=60)
+    train.add_argument("--steps", type=int, default=100)
     train.add_argument("--config", help="DeepSpeed-style JSON config (default: a built-in AdamW config)")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     train.add_argument("--micro-batch", type=int)

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ds_lab import comm
+from ds_lab.monitor import events
 
 __all__ = ["launch", "RankError", "current_channel"]
 
@@ -102,7 +103,7 @@ class _Forward:
         return False
 
 
-def _child(rank, world_size, port, backend, timeout, conn, payload, threads, forked):
+def _child(rank, world_size, port, backend, timeout, conn, payload, threads, forked, want_events):
     global _channel
     _channel = _Channel(conn, rank)
     sys.stdout, sys.stderr = _Forward(_channel, "stdout"), _Forward(_channel, "stderr")
@@ -117,7 +118,11 @@ def _child(rank, world_size, port, backend, timeout, conn, payload, threads, for
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
                               timeout=datetime.timedelta(seconds=timeout))
         comm.init_distributed(backend, timeout=timeout, rank=rank, world_size=world_size, store=store)
+        if want_events:
+            events.start(_channel)
+            comm.add_listener(events.comm_record)
         result = fn(*args, **kwargs)
+        events.stop()
         sys.stdout.flush(), sys.stderr.flush()
         _channel.send("result", result)
     except BaseException:
@@ -163,7 +168,7 @@ def _run_in_place(fn, world_size, args, kwargs, backend, timeout):
 
 
 def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str] = None,
-           timeout: float = 120.0, on_event: Optional[Callable] = None,
+           timeout: float = 120.0, on_event: Optional[Callable] = None, dashboard=None,
            start_method: Optional[str] = None, deadline: Optional[float] = None, **kwargs) -> list:
     """Run `fn(*args, **kwargs)` on `world_size` ranks; return their results in rank order.
 
@@ -171,10 +176,18 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
     timeout: seconds a collective may wait before it fails (and names itself).
     on_event: called as `on_event(rank, kind, payload)` for each event a rank publishes while it
         runs (see `ds_lab.monitor.events`).
+    dashboard: a `ds_lab.monitor.Dashboard`, fed every event live; `dashboard.finish()` at the end.
     deadline: optional limit in seconds on the whole run; past it every rank is stopped.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _run_in_place(fn, world_size, args, kwargs, backend, timeout)
+    if dashboard is not None:
+        try:
+            return launch(fn, world_size, *args, backend=backend, timeout=timeout,
+                          on_event=_both(on_event, dashboard), start_method=start_method,
+                          deadline=deadline, **kwargs)
+        finally:
+            dashboard.finish()
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     backend = backend or _default_backend(world_size)
@@ -194,7 +207,7 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
             reader, writer = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_child, name=f"ds_lab-rank{rank}", daemon=True,
                             args=(rank, world_size, store.port, backend, timeout, writer, payload,
-                                  threads, forked))
+                                  threads, forked, on_event is not None))
             p.start()
             writer.close()  # the parent keeps only the reading end: EOF means the child is gone
             procs.append(p)
@@ -231,8 +244,9 @@ def _collect(procs, conns, on_event, deadline) -> list:
                 errors[rank] = payload
             elif kind in ("stdout", "stderr"):
                 (sys.stdout if kind == "stdout" else sys.stderr).write(payload)
-            elif on_event is not None:
-                on_event(rank, kind, payload)
+            elif kind == "events" and on_event is not None:
+                for event_kind, event in payload:
+                    on_event(rank, event_kind, event)
         if t_end is not None and time.monotonic() > t_end and not errors:
             errors[-1] = f"the job ran past its deadline of {deadline} s and was stopped\n"
     if errors:
@@ -242,6 +256,16 @@ def _collect(procs, conns, on_event, deadline) -> list:
             raise TimeoutError(errors[first])
         raise RankError(first, errors[first], others)
     return results
+
+
+def _both(first, second):
+    if first is None:
+        return second
+
+    def call(rank, kind, payload):
+        first(rank, kind, payload)
+        second(rank, kind, payload)
+    return call
 
 
 def _stop(procs) -> None:

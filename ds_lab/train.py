@@ -1,7 +1,7 @@
 """Train the small GPT on the shipped corpus: the worker every rank runs, and its defaults.
 
-    ds-lab train --world-size 2 --steps 60          # from the shell
-    ds_lab.launch(train_worker, 2, steps=60)         # from Python / a notebook
+    ds-lab train --world-size 2 --steps 100         # from the shell
+    ds_lab.launch(train_worker, 2, steps=100)        # from Python / a notebook
 
 Each rank builds the same model (same seed; the engine also broadcasts rank 0's weights), takes
 its own slice of every global batch from `DistributedLoader`, and trains with the engine. The
@@ -16,6 +16,7 @@ import torch
 import ds_lab
 from ds_lab import comm
 from ds_lab.data import DistributedLoader, corpus_tokens
+from ds_lab.monitor import events
 from ds_lab.models import GPT, GPTConfig
 
 DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
@@ -25,7 +26,6 @@ DEFAULT_CONFIG = {
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}},
     "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "warmup_num_steps": 10}},
     "gradient_clipping": 1.0,
-    "steps_per_print": 0,
 }
 
 
@@ -36,7 +36,7 @@ def _progress(step, steps, loss, tokens_per_s, width=30):
     print(f"\r[{bar}] step {step}/{steps}  loss {loss:.3f}  {tokens_per_s:,.0f} tok/s", end=end, flush=True)
 
 
-def train_worker(config=None, model=None, steps=60, seed=0, progress=True):
+def train_worker(config=None, model=None, steps=100, seed=0, progress=True):
     """Runs on every rank; returns this rank's measurements."""
     config = dict(config or DEFAULT_CONFIG)
     model_cfg = GPTConfig(**{**DEFAULT_MODEL, **(model or {})})
@@ -62,7 +62,8 @@ def train_worker(config=None, model=None, steps=60, seed=0, progress=True):
     seconds = time.perf_counter() - t_start
     return dict(rank=rank, losses=losses, seconds=seconds, tokens_per_s=tokens_per_step * steps / seconds,
                 num_parameters=engine.num_parameters(), memory=engine.memory_report(),
-                comm=comm.summarize(), precision=engine.precision, world_size=comm.get_world_size())
+                comm=comm.summarize(), precision=engine.precision, world_size=comm.get_world_size(),
+                watch_seconds=events.publish_seconds)
 
 
 def format_memory(results) -> str:

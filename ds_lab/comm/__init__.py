@@ -17,7 +17,8 @@ rank sends under the ring algorithm; it is what the ZeRO paper calls 2Ψ (all-re
 (reduce-scatter or all-gather) when the message is Ψ.
 
 An async op (`async_op=True`) is recorded when it is issued (its bytes are known then); its time
-is filled in when somebody waits on the returned handle, so recording never forces a sync.
+is filled in when it completes (a callback on the backend's future) or, for ops without a
+future, when somebody waits on the returned handle. Recording never forces a sync.
 
 Run: `python -m ds_lab.comm` prints the nccl-tests factors for n = 2..8.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -115,8 +117,14 @@ class tag:
         _tag = self.prev
 
 
+_finish_lock = threading.Lock()
+
+
 def _finish(rec: CommRecord, t0: float) -> None:
-    rec.seconds = time.perf_counter() - t0
+    with _finish_lock:  # an async op may finish in the backend's thread and in wait() at once
+        if rec.seconds is not None:
+            return
+        rec.seconds = time.perf_counter() - t0
     for fn in list(_listeners):
         fn(rec)
 
@@ -128,8 +136,6 @@ class Handle:
         self.work, self.rec, self.t0 = work, rec, t0
 
     def wait(self):
-        if self.rec.seconds is not None:
-            return True
         _call(self.rec, lambda: self.work.wait())
         _finish(self.rec, self.t0)
         return True
@@ -156,6 +162,10 @@ def _run(op: str, nbytes: int, group, async_op: bool, thunk):
     t0 = time.perf_counter()
     work = _call(rec, thunk)
     if async_op:
+        try:  # time the op when it completes, in the backend's thread: no sync forced here
+            work.get_future().add_done_callback(lambda _: _finish(rec, t0))
+        except (RuntimeError, AttributeError):
+            pass  # no future for this op (e.g. gloo send/recv): timed when waited on
         return Handle(work, rec, t0)
     _finish(rec, t0)
     return None

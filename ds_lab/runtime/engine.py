@@ -23,6 +23,7 @@ import torch
 
 from ds_lab import comm
 from ds_lab.config import ConfigError, DeepSpeedConfig
+from ds_lab.monitor import events
 from ds_lab.monitor.monitors import build_monitors
 from ds_lab.monitor.memory import ActivationTracker, cuda_allocator, ledger, optimizer_state_tensors
 from ds_lab.optim import build_optimizer
@@ -156,17 +157,17 @@ class DeepSpeedEngine(torch.nn.Module):
 
     # ---- training --------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = time.time()
         if torch.is_grad_enabled() and self.module.training:
             with self.activations.track():
                 out = self.module(*args, **kwargs)
         else:
             out = self.module(*args, **kwargs)
-        self.timers["forward"] += time.perf_counter() - t0
+        self._phase_done("forward", t0)
         return out
 
     def backward(self, loss, retain_graph: bool = False, scale_wrt_gradient_accumulation_steps: bool = True):
-        t0 = time.perf_counter()
+        t0 = time.time()
         self.losses.append(loss.detach().float())
         if scale_wrt_gradient_accumulation_steps and self.gradient_accumulation_steps() > 1:
             loss = loss / self.gradient_accumulation_steps()
@@ -178,21 +179,32 @@ class DeepSpeedEngine(torch.nn.Module):
         loss.backward(retain_graph=retain_graph)
         if boundary:
             self.reducer.finish()
-        self.timers["backward"] += time.perf_counter() - t0
+        self._phase_done("backward", t0)
         return loss
 
     def zero_grad(self) -> None:
         self.reducer.zero_grad()
 
     def step(self) -> None:
-        t0 = time.perf_counter()
+        t0 = time.time()
         if self.is_gradient_accumulation_boundary():
             if self.optimizer is None:
                 raise ConfigError("engine.step() needs an optimizer: pass optimizer= to initialize() "
                                   "or add an 'optimizer' section to the config")
             self._take_model_step()
         self.micro_steps += 1
-        self.timers["step"] += time.perf_counter() - t0
+        self._phase_done("step", t0)
+
+    def _phase_done(self, phase: str, t0: float) -> None:
+        """Account a phase's time; when a dashboard is watching, publish its span and the ledger."""
+        t1 = time.time()
+        self.timers[phase] += t1 - t0
+        if events.enabled():
+            t_ledger = time.perf_counter()
+            snapshot = self._ledger()
+            events.publish_seconds += time.perf_counter() - t_ledger  # watching costs, counted
+            events.span(phase, "compute", t0, t1, self.global_steps)
+            events.publish("memory", dict(step=self.global_steps, phase=phase, time=t1, bytes=snapshot))
 
     def _take_model_step(self) -> None:
         model_params = [p for p in self.module.parameters() if p.requires_grad]
@@ -248,6 +260,8 @@ class DeepSpeedEngine(torch.nn.Module):
         if not self.losses:
             return
         loss = torch.stack(self.losses).mean().item()
+        events.current_step = self.global_steps
+        events.publish("loss", dict(step=self.global_steps, loss=loss))
         for monitor in self.monitors:
             monitor.write([("Train/Samples/train_loss", loss, self.global_samples),
                            ("Train/Samples/lr", self.get_lr()[0], self.global_samples)]
@@ -263,8 +277,7 @@ class DeepSpeedEngine(torch.nn.Module):
                 self.timers = dict.fromkeys(self.timers, 0.0)
 
     # ---- measurement -----------------------------------------------------------------------------
-    def memory_report(self) -> dict:
-        """Bytes on this rank by category, from the tensors that exist now (see monitor/memory.py)."""
+    def _ledger(self) -> dict:
         params = list(self.module.parameters())
         report = ledger({
             "params": params,
@@ -273,6 +286,12 @@ class DeepSpeedEngine(torch.nn.Module):
             "optimizer_states": optimizer_state_tensors(self.optimizer),
             "buffers": list(self.module.buffers()),
         })
+        report["activations"] = self.activations.live
+        return report
+
+    def memory_report(self) -> dict:
+        """Bytes on this rank by category, from the tensors that exist now (see monitor/memory.py)."""
+        report = self._ledger()
         report["activations_peak"] = self.activations.peak
         report["grad_padding"] = self.reducer.buffer.numel() - sum(p.numel() for p in self.reducer.params)
         allocator = cuda_allocator(self.device)
