@@ -39,9 +39,16 @@ def collectives_worker():
     comm.reduce_scatter(shard, torch.arange(2.0 * n))
     b = torch.full((4,), float(rank))
     comm.broadcast(b, src=0)
+    # rank 1 joins the async all-reduce 0.5 s late: rank 0's call must return at once (recording
+    # forces no sync), unfinished, and the record gets the real duration when the op completes
+    if rank == 1:
+        time.sleep(0.5)
+    t0 = time.perf_counter()
     h = comm.all_reduce(torch.ones(7, dtype=torch.bfloat16), async_op=True)
-    pending_seconds = comm.get_log()[-1].seconds  # must be None: recording did not wait
+    issue_seconds = time.perf_counter() - t0
+    pending_seconds = comm.get_log()[-1].seconds
     h.wait()
+    waited_seconds = comm.get_log()[-1].seconds
     if n >= 2:
         if rank == 0:
             comm.send(torch.ones(6), dst=1)
@@ -50,7 +57,8 @@ def collectives_worker():
     log = [(r.op, r.bytes, r.group_size, r.seconds is not None) for r in comm.get_log()]
     print(f"rank {rank} done")
     return dict(all_reduce=t, all_gather=gathered, reduce_scatter=shard, broadcast=b,
-                pending_seconds=pending_seconds, log=log)
+                pending_seconds=pending_seconds, issue_seconds=issue_seconds,
+                waited_seconds=waited_seconds, log=log)
 
 
 def make_batches(steps, global_batch, seq_len, seed=1):
