@@ -60,5 +60,6 @@ def __getattr__(name):
         from ds_lab.runtime.engine import DeepSpeedEngine
         return DeepSpeedEngine
     if name == "zero":
-        raise AttributeError("ds_lab.zero (ZeRO stages 1-3, zero.Init) is not implemented yet")
+        import ds_lab.zero
+        return ds_lab.zero
     raise AttributeError(f"module 'ds_lab' has no attribute {name!r}")

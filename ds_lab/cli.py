@@ -3,9 +3,12 @@
     ds-lab train                                   # 2 ranks, the default GPT, about a minute on 2 cores
     ds-lab train --world-size 4 --steps 100 --precision bf16
     ds-lab train --config my_ds_config.json        # any DeepSpeed-style JSON config
+    ds-lab estimate --params 7.5e9 --world-size 64 # ZeRO's per-rank model-state memory, no training
+    ds-lab estimate --params 7.5e9 --world-size 8 --gpu-memory 80e9   # ... and what fits on an 80 GB GPU
 
 `train` starts real processes, trains the small GPT on the shipped corpus with a progress bar
 (loss, tokens/s), then prints each rank's memory ledger and the comm summary of rank 0.
+`estimate` prints the ZeRO paper's arithmetic (ds_lab.zero.estimate) for the four stages.
 """
 from __future__ import annotations
 
@@ -50,6 +53,20 @@ def _train(args) -> int:
     return 0
 
 
+def _estimate(args) -> int:
+    from ds_lab.zero.estimate import format_table, format_what_fits
+
+    try:
+        print(format_table(args.params, args.world_size, args.precision))
+        if args.gpu_memory is not None:
+            print()
+            print(format_what_fits(args.gpu_memory, args.world_size, args.precision))
+    except ValueError as err:
+        print(f"estimate: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ds-lab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,9 +82,14 @@ def main(argv=None) -> int:
     train.add_argument("--heads", type=int, default=4)
     train.add_argument("--seq-len", type=int, default=128)
     train.add_argument("--seed", type=int, default=0)
+    estimate = sub.add_parser("estimate", help="per-rank memory of model states at ZeRO stages 0-3 (no training)")
+    estimate.add_argument("--params", type=float, required=True, help="number of parameters Ψ, e.g. 7.5e9")
+    estimate.add_argument("--world-size", type=int, required=True, help="data-parallel ranks N")
+    estimate.add_argument("--precision", choices=["mixed", "fp32"], default="mixed")
+    estimate.add_argument("--gpu-memory", type=float, help="bytes per GPU, e.g. 80e9: also print what fits")
     args = parser.parse_args(argv)
     try:
-        return _train(args)
+        return {"train": _train, "estimate": _estimate}[args.command](args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

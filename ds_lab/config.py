@@ -65,7 +65,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
-SUPPORTED_ZERO_STAGES = (0,)  # stages 1-3 arrive with the ZeRO issue: widen this tuple, nothing else
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 class ConfigError(ValueError):

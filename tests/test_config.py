@@ -202,15 +202,9 @@ def test_max_grad_norm_points_to_gradient_clipping():
 
 # ---------------------------------------------------------------- zero, precision, types
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stages_above_zero_are_not_implemented_yet(stage):
-    assert f"ZeRO stage {stage} is not implemented yet in ds_lab" in \
-        error_of({**BATCH, "zero_optimization": {"stage": stage}})
-
-
-def test_widening_supported_zero_stages_is_the_only_change_needed(monkeypatch):
-    monkeypatch.setattr(config_module, "SUPPORTED_ZERO_STAGES", (0, 1, 2, 3))
-    assert parse(zero_optimization={"stage": 3}).zero_optimization.stage == 3
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_is_accepted(stage):
+    assert parse(zero_optimization={"stage": stage}).zero_optimization.stage == stage
 
 
 def test_zero_stage_out_of_range_and_non_dict_zero_section():

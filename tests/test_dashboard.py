@@ -14,39 +14,40 @@ PARAMS = 1_000_003  # parameters, deliberately odd
 def synthetic_run(world_size=4, steps=5, t0=1_700_000_000.0):
     """The events of a data-parallel run: per step a forward, a backward whose gradient buckets are
     all-reduced while it still runs, an optimizer step; memory after each phase; a loss."""
-    events = [(0, "theory", {"memory": {"params": 4 * PARAMS, "grads": 4 * PARAMS, "optimizer_states": 8 * PARAMS},
-                             "comm": {"per_step_bytes": 2 * (world_size - 1) / world_size * 4 * PARAMS,
-                                      "label": "all-reduce 2(N-1)/N x 4 B x params"}})]
+    model_bytes = 4 * PARAMS
+    ring = 2 * (world_size - 1) / world_size  # bytes a rank sends per byte all-reduced
+    events = [(0, "theory", {
+        "memory": {"params": model_bytes, "grads": model_bytes, "optimizer_states": 2 * model_bytes},
+        "comm": {"per_step_bytes": ring * model_bytes, "label": "all-reduce 2(N-1)/N x 4 B x params"}})]
     for rank in range(world_size):
-        events.append((rank, "comm", {"op": "broadcast", "bytes": 4 * PARAMS, "wire_bytes": 4 * PARAMS / world_size,
-                                      "group_size": world_size, "start": t0, "seconds": 0.01, "tag": "init"}))
-    buckets = [4 * PARAMS // 3, 4 * PARAMS // 3, 4 * PARAMS - 2 * (4 * PARAMS // 3)]
+        events.append((rank, "comm", {"op": "broadcast", "bytes": model_bytes, "group_size": world_size,
+                                      "wire_bytes": model_bytes / world_size, "start": t0, "seconds": 0.01,
+                                      "tag": "init"}))
+    buckets = [model_bytes // 3, model_bytes // 3, model_bytes - 2 * (model_bytes // 3)]
     for step in range(1, steps + 1):
         for rank in range(world_size):
             t = t0 + 0.02 + (step - 1) * 0.13 + rank * 0.002
-            held = {"params": 4 * PARAMS, "grads": 0, "master_params": 0, "optimizer_states": 8 * PARAMS * (step > 1),
-                    "buffers": 4096, "activations": 3_000_000}
-            events.append((rank, "span", {"name": "forward", "category": "compute", "start": t, "end": t + 0.03,
-                                          "step": step}))
-            events.append((rank, "memory", {"step": step, "phase": "forward", "time": t + 0.03, "bytes": dict(held)}))
-            events.append((rank, "span", {"name": "backward", "category": "compute", "start": t + 0.03,
-                                          "end": t + 0.09, "step": step}))
+
+            def span(name, start, end, category="compute"):
+                return (rank, "span", {"name": name, "category": category, "start": start, "end": end,
+                                       "step": step})
+
+            def memory(phase, when, **held):
+                held = {"params": model_bytes, "grads": 0, "master_params": 0, "buffers": 4096,
+                        "optimizer_states": 2 * model_bytes * (step > 1), "activations": 0, **held}
+                return (rank, "memory", {"step": step, "phase": phase, "time": when, "bytes": held})
+
+            events += [span("forward", t, t + 0.03), memory("forward", t + 0.03, activations=3_000_000),
+                       span("backward", t + 0.03, t + 0.09)]
             for i, nbytes in enumerate(buckets):
-                start = t + 0.05 + i * 0.02
-                seconds = 0.015 + 0.003 * rank
-                events.append((rank, "span", {"name": "all_reduce", "category": "comm", "start": start,
-                                              "end": start + seconds, "step": step}))
-                events.append((rank, "comm", {"op": "all_reduce", "bytes": nbytes,
-                                              "wire_bytes": 2 * (world_size - 1) / world_size * nbytes,
+                start, seconds = t + 0.05 + i * 0.02, 0.015 + 0.003 * rank
+                events.append(span("all_reduce", start, start + seconds, category="comm"))
+                events.append((rank, "comm", {"op": "all_reduce", "bytes": nbytes, "wire_bytes": ring * nbytes,
                                               "group_size": world_size, "start": start, "seconds": seconds,
                                               "tag": f"bucket {i}"}))
-            held.update(grads=4 * PARAMS, activations=0)
-            events.append((rank, "memory", {"step": step, "phase": "backward", "time": t + 0.09, "bytes": dict(held)}))
-            events.append((rank, "span", {"name": "step", "category": "compute", "start": t + 0.11,
-                                          "end": t + 0.12, "step": step}))
-            held.update(optimizer_states=8 * PARAMS)
-            events.append((rank, "memory", {"step": step, "phase": "step", "time": t + 0.12, "bytes": dict(held)}))
-            events.append((rank, "loss", {"step": step, "loss": 4.0 / step + 0.05 * rank}))
+            events += [memory("backward", t + 0.09, grads=model_bytes), span("step", t + 0.11, t + 0.12),
+                       memory("step", t + 0.12, grads=model_bytes, optimizer_states=2 * model_bytes),
+                       (rank, "loss", {"step": step, "loss": 4.0 / step + 0.05 * rank})]
     return events
 
 
@@ -99,13 +100,21 @@ def test_event_store_rejects_a_malformed_payload_and_records_nothing():
     assert store.events == 0 and not store.spans and store.ignored == {"gpu_temperature": 1}
 
 
+def test_events_a_rank_dropped_are_counted_and_shown():
+    store = EventStore()
+    for event in synthetic_run(world_size=2, steps=1) + [(1, "dropped", {"count": 7})]:
+        store.add(*event)
+    assert store.lost == {1: 7}
+    assert "7 events lost" in plots.figure(store).get_suptitle()
+
+
 def test_live_redraws_are_throttled_to_refresh_hz():
     dash = Dashboard(refresh_hz=20.0, live=True)
     events = synthetic_run(world_size=2, steps=20)
     start = time.monotonic()
     for event in events:
         dash(*event)
-        time.sleep(0.0005)  # events arrive over about half a second
+        time.sleep(0.001)  # events arrive over about a second
     elapsed = time.monotonic() - start
     assert 2 <= dash.redraws <= 20.0 * elapsed + 1
     assert dash.store.events == len(events)
@@ -117,7 +126,7 @@ def test_redrawing_reuses_one_figure_and_accumulates_nothing():
         store.add(*event)
     fig = plots.figure(store)
     counts = [len(ax.get_children()) for ax in fig.axes]
-    for _ in range(30):
+    for _ in range(10):
         assert plots.figure(store, fig=fig) is fig
     assert len(fig.axes) == 4
     assert [len(ax.get_children()) for ax in fig.axes] == counts

@@ -87,7 +87,7 @@ def test_gradient_allreduce_bytes_per_step_equal_the_gradient_bytes(world_size, 
 def test_fp32_adam_model_states_are_exactly_16_bytes_per_parameter(batches):
     r = ds_lab.launch(workers.dp_train_worker, 2, config(), batches)[0]
     m, psi = r["memory"], r["num_parameters"]
-    assert m["grad_padding"] == 0
+    assert m["padding_elements"] == 0
     assert (m["params"], m["grads"], m["optimizer_states"]) == (4 * psi, 4 * psi, 8 * psi)
     assert m["params"] + m["grads"] + m["master_params"] + m["optimizer_states"] == 16 * psi
     assert m["activations_peak"] > 0

@@ -78,7 +78,7 @@ def dp_train_worker(config, batches, model=None, seed=0, inject_inf_at=None):
     gpt = GPT(GPTConfig(**(model or TINY)))
     engine, _, _, _ = ds_lab.initialize(model=gpt, config=config)
     rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
-    losses, scales, applied, grad_bytes = [], [], [], []
+    losses, scales, applied, grad_bytes, wire_bytes = [], [], [], [], []
     for step, batch in enumerate(batches):
         comm.reset_log()
         step_losses = []
@@ -96,10 +96,18 @@ def dp_train_worker(config, batches, model=None, seed=0, inject_inf_at=None):
         scales.append(engine.loss_scale)
         applied.append(engine.was_step_applied())
         grad_bytes.append(sum(r.bytes for r in comm.get_log() if r.tag == "grad_allreduce"))
-    weights = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    return dict(losses=losses, weights=weights, scales=scales, applied=applied, grad_bytes=grad_bytes,
-                memory=engine.memory_report(), num_parameters=engine.num_parameters(),
-                grad_elements=engine.reducer.buffer.numel(), grad_element_size=engine.reducer.buffer.element_size())
+        wire_bytes.append(sum(r.wire_bytes for r in comm.get_log()
+                              if r.tag in ("grad_allreduce", "grad_reduce_scatter", "param_allgather")))
+    return dict(losses=losses, weights=full_weights(engine), scales=scales, applied=applied,
+                grad_bytes=grad_bytes, wire_bytes=wire_bytes, memory=engine.memory_report(),
+                num_parameters=engine.num_parameters(), peak_live_params=getattr(engine.zero, "peak_live_bytes", None))
+
+
+def full_weights(engine):
+    """The whole fp32 weights: the module's own under stages 0-2, the gathered shards under ZeRO-3."""
+    if engine.zero is not None and engine.zero.stage == 3:
+        return {k: v.clone() for k, v in engine.zero.full_state_dict().items()}
+    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
 
 
 def reference_train(batches, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip=1.0,

@@ -12,6 +12,7 @@ While `launch` runs, each rank publishes events that reach the parent as (rank, 
     loss    {"step", "loss"}
     span    {"name", "category": "compute"|"comm", "start", "end", "step"}  for the timeline
     theory  {"memory": {category: bytes per rank}, "comm": {"per_step_bytes", "label"}}  from rank 0
+    dropped {"count"}   events a rank dropped before sending them (its own buffer overflowed)
 
 Times are `time.time()` seconds, a clock all ranks share. `EventStore` keeps them per rank and
 bounded (the newest `max_records` of each kind per rank, counting what it drops; the comm totals
@@ -40,6 +41,7 @@ PROTOCOL = {
     "loss": '{"step": int, "loss": float}',
     "span": '{"name": str, "category": "compute"|"comm", "start": float, "end": float, "step": int}',
     "theory": '{"memory": {category: bytes per rank}, "comm": {"per_step_bytes": float, "label": str}}',
+    "dropped": '{"count": int}',
 }
 
 
@@ -49,7 +51,8 @@ class EventStore:
     memory[rank], comm[rank], spans[rank]: deques of payloads; loss[rank]: deque of (step, loss);
     comm_totals[rank][op]: {"calls", "bytes", "wire_bytes", "seconds"} over the whole run;
     theory: the merged "theory" payloads; t0: the earliest time seen; dropped / ignored: Counters
-    by kind of records pushed out of a full deque / events of a kind this store does not know.
+    by kind of records pushed out of a full deque / events of a kind this store does not know;
+    lost[rank]: events the rank itself dropped before sending (its "dropped" event).
     """
 
     def __init__(self, max_records: int = 5000):
@@ -63,6 +66,7 @@ class EventStore:
         self.events = 0
         self.dropped: Counter = Counter()
         self.ignored: Counter = Counter()
+        self.lost: Counter = Counter()
         self._steps: dict = {}
 
     def __call__(self, rank, kind, payload) -> None:
@@ -120,6 +124,9 @@ class EventStore:
     def _add_theory(self, rank, p):
         self.theory.update({key: dict(value) for key, value in p.items()})
 
+    def _add_dropped(self, rank, p):
+        self.lost[rank] += int(p["count"])
+
     def _append(self, table, rank, record, kind, step, when):
         records = table.setdefault(rank, deque(maxlen=self.max_records))
         if len(records) == records.maxlen:
@@ -149,9 +156,10 @@ def _where() -> str:
 class Dashboard:
     """Pass as `on_event=` (it is called as dash(rank, kind, payload)); call `finish()` at the end.
 
-    live: redraw while events arrive (at most `refresh_hz` times a second); None decides by where it
-    runs (see the module docstring). `redraws` counts the figures drawn so far, `bad_events` the
-    events dropped for breaking the protocol (the first of each kind is also a warning).
+    live: redraw while events arrive, at most `refresh_hz` times a second and at most a third of the
+    time (a redraw renders a PNG: about 0.1-0.5 s); None decides by where it runs (see the module
+    docstring). `redraws` counts the figures drawn so far, `bad_events` the events dropped for
+    breaking the protocol (the first of each kind is also a warning).
     """
 
     def __init__(self, title: str = "", refresh_hz: float = 2.0, theory: dict | None = None, *,
@@ -169,6 +177,7 @@ class Dashboard:
         self._fig = None
         self._handle = None
         self._last_draw = -math.inf
+        self._draw_seconds = 0.0
         self._drawn_events = -1
         self._lock = threading.RLock()
         self._warned: set = set()
@@ -181,7 +190,10 @@ class Dashboard:
                 self.bad_events += 1
                 self._warn(err, key=f"bad {kind}")
                 return
-            if self.live and time.monotonic() - self._last_draw >= 1.0 / self.refresh_hz:
+            # At most refresh_hz redraws a second, and idle twice as long as the last redraw took:
+            # the parent also relays the ranks' events, and a rank blocks when its pipe is full.
+            interval = max(1.0 / self.refresh_hz, 2.0 * self._draw_seconds)
+            if self.live and time.monotonic() - self._last_draw >= interval:
                 self._safely(self._draw, show=self._in_kernel)
 
     def finish(self) -> None:
@@ -207,6 +219,7 @@ class Dashboard:
     def _draw(self, show: bool) -> None:
         from ds_lab.monitor import plots  # here, not at import: collecting needs no matplotlib
 
+        started = time.monotonic()
         self._fig = plots.figure(self.store, self._merged_theory(), title=self.title,
                                  last_steps=self.last_steps, fig=self._fig)
         self.redraws += 1
@@ -214,6 +227,7 @@ class Dashboard:
         if show:
             self._show()
         self._last_draw = time.monotonic()
+        self._draw_seconds = self._last_draw - started
 
     def _show(self) -> None:
         # A PNG in one display handle, updated in place: works in Jupyter, VS Code and under

@@ -95,8 +95,9 @@ class ActivationTracker:
         self.peak = self.live
 
     def _pack(self, t):
-        if not isinstance(t, torch.Tensor) or t.is_meta or t.layout != torch.strided:
-            return t
+        if not isinstance(t, torch.Tensor) or isinstance(t, torch.nn.Parameter) or t.is_meta \
+                or t.layout != torch.strided:
+            return t  # parameters are counted as parameters, not as activations
         key, nbytes = _storage_key(t)
         if key in self._skip:
             return t

@@ -125,9 +125,8 @@ def plot_comm(ax, store, theory=None):
     ranks = sorted(store.comm_totals)
     if not ranks:
         return _empty(ax, "no collectives yet")
-    ops = sorted({op for r in ranks for op in store.comm_totals[r]},
-                 key=lambda op: -sum(store.comm_totals[r].get(op, {}).get("wire_bytes", 0) for r in ranks))
     sent = {r: {op: totals["wire_bytes"] for op, totals in store.comm_totals[r].items()} for r in ranks}
+    ops = sorted({op for r in ranks for op in sent[r]}, key=lambda op: -sum(sent[r].get(op, 0) for r in ranks))
     expected = _theory(store, theory).get("comm") or {}
     per_step = expected.get("per_step_bytes")
     expected_sent = {r: per_step * store.steps_done(r) for r in ranks} if per_step else {}
@@ -243,8 +242,10 @@ def figure(store, theory=None, *, title: str = "", last_steps: int = 3, fig: Fig
     plot_comm(comm_ax, store, theory)
     plot_loss(loss_ax, store)
     plot_timeline(timeline_ax, store, last_steps)
-    dropped = sum(store.dropped.values())
-    status = f"{len(store.ranks)} ranks, {store.events} events" + (
-        f" ({dropped} oldest records dropped)" if dropped else "")
+    status = f"{len(store.ranks)} ranks, {store.events} events"
+    if store.dropped:
+        status += f", {sum(store.dropped.values())} oldest records not kept"
+    if store.lost:
+        status += f", {sum(store.lost.values())} events lost by the ranks (sent too fast)"
     fig.suptitle(f"{title}   [{status}]" if title else status, fontsize=11)
     return fig

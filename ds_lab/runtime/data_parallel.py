@@ -30,9 +30,44 @@ import torch
 from ds_lab import comm
 
 
-class _Bucket:
-    def __init__(self, index, start):
-        self.index, self.start, self.end, self.params, self.ready = index, start, start, [], 0
+class ReadyInOrder:
+    """Calls `on_ready(i)` for unit i as soon as every parameter of units 0..i has its gradient.
+
+    A post-accumulate-grad hook on each parameter counts its unit's ready gradients. Units are
+    released strictly in order, so every rank issues its collectives in the same order (the
+    order is a property of the model, not of timing). Used by data parallel and by ZeRO 1-3.
+    """
+
+    def __init__(self, units: list, on_ready, on_grad=None):
+        self.units, self.on_ready, self.on_grad = units, on_ready, on_grad
+        self.unit_of = {p: i for i, params in enumerate(units) for p in params}
+        self.ready = [0] * len(units)
+        self.next, self.active = 0, False
+        self.hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in self.unit_of]
+
+    def _hook(self, p) -> None:
+        if self.on_grad is not None:
+            self.on_grad(p)
+        if not self.active:
+            return
+        self.ready[self.unit_of[p]] += 1
+        while self.next < len(self.units) and self.ready[self.next] == len(self.units[self.next]):
+            self.next += 1
+            self.on_ready(self.next - 1)
+
+    def start(self) -> None:
+        self.ready, self.next, self.active = [0] * len(self.units), 0, True
+
+    def flush(self) -> None:
+        """End of backward: release the units still waiting (parameters that got no gradient)."""
+        while self.next < len(self.units):
+            self.next += 1
+            self.on_ready(self.next - 1)
+        self.active = False
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
 
 
 class BucketedAllReduce:
@@ -46,41 +81,33 @@ class BucketedAllReduce:
         total = sum(p.numel() for p in self.params)
         device = self.params[0].device if self.params else torch.device("cpu")
         self.buffer = torch.zeros(total, dtype=dtypes.pop() if dtypes else torch.float32, device=device)
-        self.views, self.bucket_of, self.buckets = {}, {}, []
-        offset, bucket = 0, None
+        self.views, self.buckets, buckets = {}, [], []  # buckets: (start, end) in the buffer
+        offset, start = 0, 0
         for p in reversed(self.params):
-            if bucket is None or bucket.end - bucket.start >= bucket_size:
-                bucket = _Bucket(len(self.buckets), offset)
-                self.buckets.append(bucket)
-            view = self.buffer[offset:offset + p.numel()].view_as(p)
+            if not buckets or offset - start >= bucket_size:
+                buckets.append([])
+                start = offset
+                self.buckets.append([offset, offset])
+            self.views[p] = self.buffer[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-            bucket.end = offset
-            bucket.params.append(p)
-            self.views[p], self.bucket_of[p] = view, bucket
-            p.grad = view
-        self.active = False  # set by the engine for the boundary micro-step's backward
-        self.handles, self.next_bucket = [], 0
-        self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
+            self.buckets[-1][1] = offset
+            buckets[-1].append(p)
+            p.grad = self.views[p]
+        self.handles = []
+        self.tracker = ReadyInOrder(buckets, self._launch if overlap else (lambda i: None), self._reattach)
+        self.deferred = not overlap
 
-    # ---- called by autograd -------------------------------------------------------------------
-    def _on_grad_ready(self, p) -> None:
+    def _reattach(self, p) -> None:
         view = self.views[p]
         if p.grad is not view:  # someone set .grad to None (e.g. optimizer.zero_grad()): re-attach
             view.copy_(p.grad)
             p.grad = view
-        if not (self.active and self.overlap):
-            return
-        bucket = self.bucket_of[p]
-        bucket.ready += 1
-        while self.next_bucket < len(self.buckets) and \
-                self.buckets[self.next_bucket].ready == len(self.buckets[self.next_bucket].params):
-            self._launch(self.buckets[self.next_bucket], async_op=True)
 
-    def _launch(self, bucket, async_op: bool) -> None:
-        flat = self.buffer[bucket.start:bucket.end]
-        self.next_bucket = bucket.index + 1
+    def _launch(self, index: int, async_op: bool = True) -> None:
         if self.world_size == 1:
             return
+        start, end = self.buckets[index]
+        flat = self.buffer[start:end]
         flat.div_(self.world_size)  # average = sum of (g_r / N): pre-divide to keep fp16 in range
         with comm.tag("grad_allreduce"):
             handle = comm.all_reduce(flat, group=self.group, async_op=async_op)
@@ -90,18 +117,19 @@ class BucketedAllReduce:
     # ---- called by the engine -----------------------------------------------------------------
     def start(self) -> None:
         """Before the boundary micro-step's backward."""
-        self.active, self.next_bucket, self.handles = True, 0, []
-        for bucket in self.buckets:
-            bucket.ready = 0
+        self.handles = []
+        self.tracker.start()
 
     def finish(self) -> None:
         """After the boundary backward: reduce what is left (unused parameters, or everything
         when overlap is off), then wait until every bucket has arrived."""
-        for bucket in self.buckets[self.next_bucket:]:
-            self._launch(bucket, async_op=False)
+        self.tracker.flush()
+        if self.deferred:  # the naive schedule: all communication after backward, one by one
+            for index in range(len(self.buckets)):
+                self._launch(index, async_op=False)
         for handle in self.handles:
             handle.wait()
-        self.active, self.handles = False, []
+        self.handles = []
 
     def zero_grad(self) -> None:
         self.buffer.zero_()
@@ -109,5 +137,4 @@ class BucketedAllReduce:
             p.grad = view
 
     def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
+        self.tracker.remove()

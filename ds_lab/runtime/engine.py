@@ -17,6 +17,7 @@ ranks during backward (`runtime/data_parallel.py`).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -30,6 +31,7 @@ from ds_lab.optim import build_optimizer
 from ds_lab.runtime import checkpoint
 from ds_lab.runtime.data_parallel import BucketedAllReduce
 from ds_lab.runtime.lr_schedules import build_scheduler
+from ds_lab.zero.partition import param_shape
 from ds_lab.runtime.precision import DTYPES, has_overflow, make_loss_scaler
 
 
@@ -52,13 +54,24 @@ class DeepSpeedEngine(torch.nn.Module):
 
         model.to(self.device)
         self._broadcast_model()
-        self.optimizer, self.master_params = self._configure_optimizer(optimizer, model_parameters)
-        if self.precision != "fp32":
-            model.to(DTYPES[self.precision])  # same Parameter objects, now 2 bytes each
+        groups = self._param_groups(optimizer, model_parameters)
         zero = config.zero_optimization
-        self.reducer = BucketedAllReduce(list(model.parameters()), zero.reduce_bucket_size,
-                                         group=self.dp_group,
-                                         overlap=True if zero.overlap_comm is None else zero.overlap_comm)
+        self.zero, self.reducer = None, None
+        if zero.stage == 0:
+            self.optimizer, self.master_params = self._configure_optimizer(optimizer, groups, self._stage0_masters)
+            self._to_model_dtype()
+            self.reducer = BucketedAllReduce(list(model.parameters()), zero.reduce_bucket_size,
+                                             group=self.dp_group,
+                                             overlap=True if zero.overlap_comm is None else zero.overlap_comm)
+        else:  # ZeRO: the masters are fp32 shards made from the fp32 weights, before any cast
+            from ds_lab.zero import build_zero_optimizer
+            self.zero = build_zero_optimizer(zero, model, [params for params, _ in groups], self.dp_group,
+                                             DTYPES[self.precision], self.device)
+            self._to_model_dtype()
+            self.zero.attach()
+            self.optimizer, _ = self._configure_optimizer(optimizer, groups, lambda i, params: [self.zero.masters[i]])
+            self.zero.optimizer = self.optimizer
+            self.master_params, self.master_of = self.zero.masters, {}
         self.loss_scaler = make_loss_scaler(config.fp16)
         self.lr_scheduler = self._configure_scheduler(lr_scheduler)
         self.training_dataloader = self._dataloader(training_data, collate_fn) if training_data is not None else None
@@ -76,43 +89,53 @@ class DeepSpeedEngine(torch.nn.Module):
             for t in list(self.module.parameters()) + list(self.module.buffers()):
                 comm.broadcast(t.data, src=src, group=self.dp_group)
 
-    def _configure_optimizer(self, client_optimizer, model_parameters):
-        """Return (optimizer, master params). In mixed precision the optimizer is pointed at fp32
-        copies of the parameters (the master weights), never at the 2-byte model weights."""
-        params = list(model_parameters) if model_parameters is not None else list(self.module.parameters())
-        mixed = self.precision != "fp32"
-        masters = {}
-
-        def to_master(p):
-            if not mixed:
-                return p
-            if p not in masters:
-                masters[p] = torch.nn.Parameter(p.detach().clone().float())
-            return masters[p]
-
-        def remap(groups):
-            if groups and isinstance(groups[0], dict):
-                return [dict(g, params=[to_master(p) for p in g["params"]]) for g in groups]
-            return [to_master(p) for p in groups]
-
+    def _param_groups(self, client_optimizer, model_parameters) -> list:
+        """[(params, hyper-parameters)] for each optimizer param group."""
         if isinstance(client_optimizer, torch.optim.Optimizer):
             if client_optimizer.state:
                 raise ConfigError("the client optimizer already has state; pass it to initialize() "
                                   "before its first step")
-            for group in client_optimizer.param_groups:
-                group["params"] = [to_master(p) for p in group["params"]]
+            return [(list(g["params"]), {k: v for k, v in g.items() if k != "params"})
+                    for g in client_optimizer.param_groups]
+        params = list(model_parameters) if model_parameters is not None else list(self.module.parameters())
+        if params and isinstance(params[0], dict):
+            return [(list(g["params"]), {k: v for k, v in g.items() if k != "params"}) for g in params]
+        return [([p for p in params if p.requires_grad], {})]
+
+    def _stage0_masters(self, index, params):
+        """Data parallel: fp32 keeps the parameters themselves; mixed precision adds an fp32
+        master copy per parameter (the optimizer never sees the 2-byte weights)."""
+        if self.precision == "fp32":
+            return params
+        for p in params:
+            if p not in self.master_of:
+                self.master_of[p] = torch.nn.Parameter(p.detach().clone().float())
+        return [self.master_of[p] for p in params]
+
+    def _configure_optimizer(self, client_optimizer, groups, to_masters):
+        """Return (optimizer, master params): the client's optimizer, a callable's, or the config's,
+        pointed at `to_masters(group index, params)` for every group."""
+        self.master_of = {}  # model param -> fp32 master (stage 0, mixed precision)
+        remapped = [dict(hyper, params=to_masters(i, params)) for i, (params, hyper) in enumerate(groups)]
+        if isinstance(client_optimizer, torch.optim.Optimizer):
+            for group, new in zip(client_optimizer.param_groups, remapped):
+                group["params"] = new["params"]
+            client_optimizer.state.clear()
             optimizer = client_optimizer
         elif callable(client_optimizer):
-            optimizer = client_optimizer(remap(params))
+            optimizer = client_optimizer(remapped)
         elif self.config.optimizer is not None:
             try:
-                optimizer = build_optimizer(self.config.optimizer, remap(params))
+                optimizer = build_optimizer(self.config.optimizer, remapped)
             except TypeError as err:
                 raise ConfigError(f"optimizer.params {self.config.optimizer.params}: {err}") from err
         else:
             optimizer = None
-        self.master_of = masters  # model param -> fp32 master
-        return optimizer, list(masters.values())
+        return optimizer, list(self.master_of.values())
+
+    def _to_model_dtype(self) -> None:
+        if self.precision != "fp32":
+            self.module.to(DTYPES[self.precision])  # same Parameter objects, now 2 bytes each
 
     def _configure_scheduler(self, client_scheduler):
         if self.config.scheduler is not None:
@@ -174,16 +197,21 @@ class DeepSpeedEngine(torch.nn.Module):
         if self.loss_scaler is not None:
             loss = loss.float() * self.loss_scaler.loss_scale
         boundary = self.is_gradient_accumulation_boundary()
-        if boundary:
-            self.reducer.start()
-        loss.backward(retain_graph=retain_graph)
-        if boundary:
-            self.reducer.finish()
+        if self.zero is not None:
+            self.zero.backward_start(boundary)
+            loss.backward(retain_graph=retain_graph)
+            self.zero.backward_end(boundary)
+        else:
+            if boundary:
+                self.reducer.start()
+            loss.backward(retain_graph=retain_graph)
+            if boundary:
+                self.reducer.finish()
         self._phase_done("backward", t0)
         return loss
 
     def zero_grad(self) -> None:
-        self.reducer.zero_grad()
+        (self.zero or self.reducer).zero_grad()
 
     def step(self) -> None:
         t0 = time.time()
@@ -207,14 +235,19 @@ class DeepSpeedEngine(torch.nn.Module):
             events.publish("memory", dict(step=self.global_steps, phase=phase, time=t1, bytes=snapshot))
 
     def _take_model_step(self) -> None:
-        model_params = [p for p in self.module.parameters() if p.requires_grad]
-        overflow = self.loss_scaler is not None and self._overflow()
-        if overflow:
-            self.skipped_steps += 1
-            self._step_applied = False
+        if self.zero is not None:
+            overflow = self.zero.step(self.loss_scale, self.config.gradient_clipping,
+                                      check_overflow=self.loss_scaler is not None)
+            if not overflow:
+                self._global_grad_norm = self.zero.grad_norm
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
         else:
-            self._apply_step(model_params)
-            self._step_applied = True
+            overflow = self.loss_scaler is not None and self._overflow()
+            if not overflow:
+                self._apply_step([p for p in self.module.parameters() if p.requires_grad])
+        self.skipped_steps += int(overflow)
+        self._step_applied = not overflow
         if self.loss_scaler is not None:
             self.loss_scaler.update_scale(overflow)
         self.zero_grad()
@@ -279,12 +312,16 @@ class DeepSpeedEngine(torch.nn.Module):
     # ---- measurement -----------------------------------------------------------------------------
     def _ledger(self) -> dict:
         params = list(self.module.parameters())
+        if self.zero is not None:
+            parts = self.zero.ledger_categories()
+        else:
+            parts = dict(params=params, grads=[self.reducer.buffer], master_params=self.master_params)
         report = ledger({
-            "params": params,
-            "grads": [self.reducer.buffer] + [p.grad for p in params],
-            "master_params": self.master_params,
+            "params": parts["params"] + params,
+            "grads": parts["grads"] + [p.grad for p in params],
+            "master_params": parts["master_params"],
             "optimizer_states": optimizer_state_tensors(self.optimizer),
-            "buffers": list(self.module.buffers()),
+            "buffers": parts.get("buffers", []) + list(self.module.buffers()),
         })
         report["activations"] = self.activations.live
         return report
@@ -293,14 +330,18 @@ class DeepSpeedEngine(torch.nn.Module):
         """Bytes on this rank by category, from the tensors that exist now (see monitor/memory.py)."""
         report = self._ledger()
         report["activations_peak"] = self.activations.peak
-        report["grad_padding"] = self.reducer.buffer.numel() - sum(p.numel() for p in self.reducer.params)
+        if self.zero is not None:
+            report["padding_elements"] = sum(u.padded - u.numel for u in self.zero.units)
+        else:
+            report["padding_elements"] = 0  # data parallel's flat buffer is exactly Ψ
         allocator = cuda_allocator(self.device)
         if allocator:
             report["allocator"] = allocator
         return report
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        """Ψ: counted from the parameters' real shapes (ZeRO-3 keeps only chunks in them)."""
+        return sum(math.prod(param_shape(p)) for p in self.module.parameters())
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True):

@@ -1,0 +1,81 @@
+"""ZeRO stage 1: the optimizer states are partitioned.                model states 4Ψ + KΨ/N
+
+What each of the N data-parallel ranks holds (mixed precision, Ψ parameters, K = 12):
+    parameters   2Ψ     the whole model, in bf16/fp16, as in data parallel
+    gradients    2Ψ     the whole gradient, accumulated locally over micro-steps
+    optimizer    12Ψ/N  only its shard: fp32 master weights (4) + Adam m (4) + v (4)
+
+What crosses the wire per optimizer step (per rank, ring algorithm, message Ψ elements):
+    reduce-scatter of the gradients   (N-1)/N x Ψ     each rank gets the average of its shard
+    all-gather of the new parameters  (N-1)/N x Ψ     each rank sends its updated shard to all
+  = 2(N-1)/N x Ψ: exactly what data parallel's one all-reduce moves (an all-reduce *is* a
+    reduce-scatter followed by an all-gather). ZeRO-1 saves memory at no extra traffic.
+
+Only the boundary micro-step communicates (as in data parallel): gradients accumulate in the full
+local buffer, then each bucket ("unit", see `partition.py`) is reduce-scattered as soon as its
+gradients are ready, overlapping the rest of backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from ds_lab import comm
+from ds_lab.runtime.data_parallel import ReadyInOrder
+from ds_lab.zero.partition import ZeroOptimizerBase
+
+
+class ZeroStage1(ZeroOptimizerBase):
+    stage = 1
+    reduce_every_micro_step = False
+
+    def attach(self) -> None:
+        """Parameters and gradients become views into one flat vector per unit."""
+        for unit in self.units:
+            unit.flat = unit.flatten([p.detach() for p in unit.params], self.model_dtype)
+            unit.grad_flat = torch.zeros(unit.padded, dtype=self.model_dtype, device=self.device)
+            for p, view, grad in zip(unit.params, unit.views(unit.flat), unit.views(unit.grad_flat)):
+                p.data, p.grad = view, grad
+        self.grad_view = {p: p.grad for p in (q for u in self.units for q in u.params)}
+        self.pending = []
+        self.tracker = ReadyInOrder([u.params for u in self.units], self._reduce, self._reattach)
+
+    def _reattach(self, p) -> None:
+        view = self.grad_view[p]
+        if p.grad is not view:  # .grad was set to None by someone: put it back into the buffer
+            view.copy_(p.grad)
+            p.grad = view
+
+    def _reduce(self, index: int) -> None:
+        unit = self.units[index]
+        unit.grad_flat.div_(self.world_size)
+        out = torch.empty(unit.chunk, dtype=self.model_dtype, device=self.device)
+        with comm.tag("grad_reduce_scatter"):
+            handle = comm.reduce_scatter(out, unit.grad_flat, group=self.dp_group, async_op=True)
+        self.pending.append((unit, out, handle))
+
+    def backward_start(self, boundary: bool) -> None:
+        if boundary:
+            self.tracker.start()
+
+    def backward_end(self, boundary: bool) -> None:
+        if not boundary:
+            return
+        self.tracker.flush()
+        for unit, out, handle in self.pending:
+            handle.wait()
+            unit.grad_flat[unit.mine].copy_(out)  # the averaged shard lands in this rank's own chunk
+        self.pending = []
+
+    def grad_chunk(self, unit) -> torch.Tensor:
+        return unit.grad_flat[unit.mine]
+
+    def gather_into(self, unit, chunk, async_op=True):
+        return comm.all_gather(unit.flat, chunk, group=self.dp_group, async_op=async_op)
+
+    def zero_grad(self) -> None:
+        for unit in self.units:
+            unit.grad_flat.zero_()
+
+    def ledger_categories(self) -> dict:
+        return dict(params=[u.flat for u in self.units], grads=[u.grad_flat for u in self.units],
+                    master_params=self.masters)

@@ -1,0 +1,268 @@
+"""ZeRO stage 3: optimizer states, gradients and parameters are partitioned.   model states (2+2+K)Ψ/N
+
+What each of the N data-parallel ranks holds (mixed precision, Ψ parameters, K = 12):
+    parameters   2Ψ/N   its chunk of every module's parameters; a module's whole parameters exist
+                        only while that module runs (plus what is prefetched)
+    gradients    2Ψ/N   its chunk of the averaged gradient
+    optimizer    12Ψ/N  its chunk of fp32 master weights + Adam m + v
+
+Each module with parameters of its own is one "unit" (see `partition.py`). Around it:
+    forward pre-hook    all-gather the unit (wait for it if it was prefetched), and start the
+                        async all-gather of the next units in forward order, up to
+                        `stage3_prefetch_bucket_size` elements
+    forward post-hook   release the whole parameters (param.data becomes an empty tensor; autograd
+                        keeps a reference to the Parameter, not to its data), and hook the
+                        module's outputs so that their gradient arriving triggers...
+    output grad hook    ...the all-gather again, just before the module's backward needs it
+    grads ready         flatten the unit's gradients, free them, reduce-scatter (async), release
+                        the whole parameters again
+Units smaller than `stage3_param_persistence_threshold` elements are kept whole on every rank
+(gathering tiny tensors costs more in latency than it saves in memory).
+
+What crosses the wire per step (per rank, ring algorithm, Ψ elements, no accumulation):
+    forward all-gather  (N-1)/N Ψ  +  backward all-gather (N-1)/N Ψ  +  gradient reduce-scatter (N-1)/N Ψ
+  = 3(N-1)/N Ψ: 1.5x data parallel's 2(N-1)/N Ψ (the ZeRO paper's 3Ψ vs 2Ψ). After the step nothing
+    is all-gathered: each rank just casts its updated master chunk into its parameter chunk.
+"""
+from __future__ import annotations
+
+import torch
+
+from ds_lab import comm
+from ds_lab.runtime.data_parallel import ReadyInOrder
+from ds_lab.zero.init import forget_init_shards
+from ds_lab.zero.partition import Unit, ZeroOptimizerBase
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    if hasattr(out, "__dataclass_fields__"):
+        return [t for name in out.__dataclass_fields__ for t in _tensors(getattr(out, name))]
+    return []
+
+
+def module_units(module, groups: list, world_size: int, rank: int):
+    """One unit per (module, param group) for the parameters a module registers itself.
+    A parameter shared by two modules (tied weights) belongs to the first; the second module
+    gathers that unit when it runs. Returns (units, {module: [units it needs]})."""
+    group_of = {p: g for g, params in enumerate(groups) for p in params}
+    units, needs, owner = [], {}, {}
+    for _, mod in module.named_modules():
+        own = [p for p in mod._parameters.values() if p is not None and p in group_of]
+        for g in sorted({group_of[p] for p in own if p not in owner}):
+            members = [p for p in own if group_of[p] == g and p not in owner]
+            unit = Unit(len(units), members, g, world_size, rank)
+            units.append(unit)
+            for p in members:
+                owner[p] = unit
+        used = []
+        for p in own:
+            if owner[p] not in used:
+                used.append(owner[p])
+        if used:
+            needs[mod] = used
+    return units, needs
+
+
+class ZeroStage3(ZeroOptimizerBase):
+    stage = 3
+    reduce_every_micro_step = True
+
+    @classmethod
+    def build(cls, zero_config, module, groups, dp_group, model_dtype, device):
+        units, needs = module_units(module, groups, comm.get_world_size(dp_group), comm.get_rank(dp_group))
+        self = cls(module, groups, units, dp_group, model_dtype, device)
+        forget_init_shards(module)
+        self.needs = needs
+        self.prefetch_elements = zero_config.stage3_prefetch_bucket_size
+        self.persistence_threshold = zero_config.stage3_param_persistence_threshold
+        return self
+
+    # ---- setting up ------------------------------------------------------------------------------
+    def unit_values(self, unit) -> list:
+        """Parameters built under zero.Init hold only a chunk: gather that module's flat vector
+        (one module at a time, so the whole model never exists here)."""
+        values = []
+        for p in unit.params:
+            init = getattr(p, "ds_init", None)
+            if init is None:
+                values.append(p.detach())
+                continue
+            if getattr(self, "_init_cache", (None,))[0] is not init:
+                self._init_cache = (init, init.full(self.dp_group))
+            values.append(init.view(self._init_cache[1], p))
+        return values
+
+    def attach(self) -> None:
+        self._init_cache = None
+        self.live_bytes = self.peak_live_bytes = 0
+        self.unit_of = {p: unit for unit in self.units for p in unit.params}
+        for unit in self.units:
+            unit.persistent = unit.numel < self.persistence_threshold
+            unit.shard = self.master_chunk(unit).to(self.model_dtype, copy=True)
+            unit.flat, unit.handle = None, None
+            for p in unit.params:
+                p.ds_zero = self
+            if unit.persistent:
+                unit.flat = torch.empty(unit.padded, dtype=self.model_dtype, device=self.device)
+                comm.all_gather(unit.flat, unit.shard, group=self.dp_group)
+                self._point_params(unit)
+            else:
+                self._release(unit)
+        self.grad_shards = [torch.zeros_like(m, dtype=self.model_dtype) for m in self.masters]
+        self.pending, self.in_flight = [], []
+        self.tracker = ReadyInOrder([u.params for u in reversed(self.units)], self._reduce)
+        self.order, self.position, self.recorded = [], 0, False
+        self.module.register_forward_pre_hook(self._start_forward)
+        self.module.register_forward_hook(self._end_forward)
+        for mod in self.needs:
+            mod.register_forward_pre_hook(self._pre_forward)
+            mod.register_forward_hook(self._post_forward)
+
+    def _point_params(self, unit) -> None:
+        for p, view in zip(unit.params, unit.views(unit.flat)):
+            p.data = view
+
+    # ---- gather / release ------------------------------------------------------------------------
+    def _issue_gather(self, unit) -> None:
+        if unit.flat is not None or unit.handle is not None:
+            return
+        flat = torch.empty(unit.padded, dtype=self.model_dtype, device=self.device)
+        with comm.tag("param_allgather"):
+            unit.handle = comm.all_gather(flat, unit.shard, group=self.dp_group, async_op=True)
+        unit.pending_flat = flat
+        self._count(unit.padded * flat.element_size())
+
+    def gather(self, unit) -> None:
+        """Make the unit's whole parameters exist (waiting for a prefetch if one is in flight)."""
+        if unit.flat is not None:
+            return
+        self._issue_gather(unit)
+        unit.handle.wait()
+        unit.flat, unit.handle, unit.pending_flat = unit.pending_flat, None, None
+        self._point_params(unit)
+
+    def _release(self, unit) -> None:
+        if unit.persistent:
+            return
+        if unit.flat is not None:
+            self._count(-unit.flat.numel() * unit.flat.element_size())
+        unit.flat = None
+        for p in unit.params:
+            p.data = torch.empty(0, dtype=self.model_dtype, device=self.device)
+
+    def _count(self, nbytes: int) -> None:
+        self.live_bytes += nbytes
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def _start_forward(self, module, args):
+        self.position = 0
+
+    def _end_forward(self, module, args, output):
+        self.recorded = True
+
+    def _pre_forward(self, mod, args):
+        if not self.recorded:
+            self.order.append(mod)
+        for unit in self.needs[mod]:
+            self.gather(unit)
+        self._prefetch()
+        self.position += 1
+
+    def _prefetch(self) -> None:
+        """Start the all-gathers of the units the next modules will need, within the budget."""
+        if not self.recorded or self.prefetch_elements <= 0:
+            return
+        budget = self.prefetch_elements
+        for mod in self.order[self.position + 1:]:
+            for unit in self.needs[mod]:
+                if unit.flat is None and unit.handle is None:
+                    if unit.padded > budget:
+                        return
+                    budget -= unit.padded
+                    self._issue_gather(unit)
+
+    def _post_forward(self, mod, args, output):
+        for unit in self.needs[mod]:
+            self._release(unit)
+        if torch.is_grad_enabled():
+            for t in _tensors(output):
+                if t.requires_grad:
+                    t.register_hook(lambda grad, mod=mod: self._pre_backward(mod))
+        return None
+
+    def _pre_backward(self, mod) -> None:
+        for unit in self.needs[mod]:
+            self.gather(unit)
+
+    def _reduce(self, index: int) -> None:
+        unit = self.units[len(self.units) - 1 - index]  # the tracker sees units in backward order
+        grads = [p.grad if p.grad is not None else torch.zeros(s, dtype=self.model_dtype, device=self.device)
+                 for p, s in zip(unit.params, unit.shapes)]
+        flat = unit.flatten(grads, self.model_dtype)
+        for p in unit.params:
+            p.grad = None
+        self._release(unit)
+        flat.div_(self.world_size)
+        out = torch.empty(unit.chunk, dtype=self.model_dtype, device=self.device)
+        with comm.tag("grad_reduce_scatter"):
+            handle = comm.reduce_scatter(out, flat, group=self.dp_group, async_op=True)
+        self.pending.append((unit, out, handle))
+        self.in_flight.append(flat)
+
+    # ---- the engine's interface ------------------------------------------------------------------
+    def backward_start(self, boundary: bool) -> None:
+        self.tracker.start()
+
+    def backward_end(self, boundary: bool) -> None:
+        self.tracker.flush()
+        for unit, out, handle in self.pending:
+            handle.wait()
+            self.grad_chunk(unit).add_(out)
+        self.pending, self.in_flight = [], []
+
+    def grad_chunk(self, unit) -> torch.Tensor:
+        return self.grad_shards[unit.group][unit.shard_offset:unit.shard_offset + unit.chunk]
+
+    def publish_params(self) -> None:
+        """Stage 3 keeps only chunks: the new master chunk becomes the parameter chunk, no traffic
+        (persistent units, kept whole, are all-gathered)."""
+        for unit in self.units:
+            unit.shard.copy_(self.master_chunk(unit))
+            if unit.persistent:
+                with comm.tag("param_allgather"):
+                    comm.all_gather(unit.flat, unit.shard, group=self.dp_group)
+
+    def gather_into(self, unit, chunk, async_op=True):
+        raise NotImplementedError("stage 3 publishes by copying chunks; see publish_params")
+
+    def zero_grad(self) -> None:
+        for shard in self.grad_shards:
+            shard.zero_()
+
+    def ledger_categories(self) -> dict:
+        whole = [u.flat for u in self.units if u.flat is not None]
+        prefetched = [u.pending_flat for u in self.units if u.handle is not None]
+        return dict(params=[u.shard for u in self.units] + whole + prefetched, grads=list(self.grad_shards),
+                    master_params=self.masters, buffers=list(self.in_flight))
+
+    def full_state_dict(self) -> dict:
+        """Every parameter whole, fp32, gathered unit by unit (collective: all ranks call it)."""
+        from ds_lab.runtime.checkpoint import _state_dict_params
+        names = self.param_names()
+        out = {}
+        for unit in self.units:
+            flat = torch.empty(unit.padded, dtype=torch.float32, device=self.device)
+            comm.all_gather(flat, self.master_chunk(unit).contiguous(), group=self.dp_group)
+            for p, view in zip(unit.params, unit.views(flat)):
+                out[names[p]] = view.clone()
+        state = {k: v.float() for k, v in self.module.state_dict().items() if v.numel() > 0}
+        for key, p in _state_dict_params(self.module).items():
+            state[key] = out[names[p]]
+        return state
