@@ -1,9 +1,10 @@
 """The live view of a run: every rank's events, collected in the notebook and drawn as four panels.
 
     dash = Dashboard("ZeRO-2 on 4 ranks")
-    ds_lab.launch(train, world_size=4, on_event=dash)   # redraws at most refresh_hz times a second
-    dash.finish()                                       # the final picture
+    ds_lab.launch(train, world_size=4, dashboard=dash)  # redraws while it runs, finish() at the end
     dash.save_png("zero2.png")
+
+By hand, the same is `launch(..., on_event=dash)` followed by `dash.finish()`.
 
 While `launch` runs, each rank publishes events that reach the parent as (rank, kind, payload):
 
@@ -19,8 +20,8 @@ bounded (the newest `max_records` of each kind per rank, counting what it drops;
 count every collective, dropped or not). `Dashboard` draws with `ds_lab.monitor.plots`.
 
 Where it draws: in a Jupyter kernel, one image that is replaced in place (a display handle). When
-a notebook is executed unattended (under pytest/nbval, or with DS_LAB_DASHBOARD=static set, as the
-book build does) it only collects, and `finish()` shows the final picture once. Outside a kernel it
+a notebook is executed unattended (under pytest/nbval, or with DS_LAB_DASHBOARD=static in the
+environment, e.g. for a book build) it only collects, and `finish()` shows the final picture once. Outside a kernel it
 displays nothing; `finish()`, `figure()` and `save_png()` still draw. A bad event or a failed
 redraw becomes a warning, never an exception: the dashboard must not stop a training run.
 """

@@ -218,6 +218,8 @@ def plot_timeline(ax, store, last_steps: int = 3):
     ax.set_yticks(ticks, tick_labels, fontsize=8)
     ax.set_ylim(-0.7, (len(spans) - 1) * 2.6 + 2.0)  # headroom for the step labels
     ax.set_xlabel(f"time since the first event ({unit})")
+    order = list(SPAN_COLORS)  # forward, backward, step, then the collectives
+    names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
     ax.legend(handles=[Patch(color=color_for(n), label=n) for n in names], loc="upper left",
               bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     return ax

@@ -214,25 +214,27 @@ class DeepSpeedEngine(torch.nn.Module):
         (self.zero or self.reducer).zero_grad()
 
     def step(self) -> None:
-        t0 = time.time()
+        t0, step = time.time(), self.global_steps
         if self.is_gradient_accumulation_boundary():
             if self.optimizer is None:
                 raise ConfigError("engine.step() needs an optimizer: pass optimizer= to initialize() "
                                   "or add an 'optimizer' section to the config")
             self._take_model_step()
         self.micro_steps += 1
-        self._phase_done("step", t0)
+        self._phase_done("step", t0, step)
 
-    def _phase_done(self, phase: str, t0: float) -> None:
-        """Account a phase's time; when a dashboard is watching, publish its span and the ledger."""
+    def _phase_done(self, phase: str, t0: float, step=None) -> None:
+        """Account a phase's time; when a dashboard is watching, publish its span and the ledger
+        (stamped with the optimizer step the phase belongs to)."""
         t1 = time.time()
         self.timers[phase] += t1 - t0
         if events.enabled():
+            step = self.global_steps if step is None else step
             t_ledger = time.perf_counter()
             snapshot = self._ledger()
             events.publish_seconds += time.perf_counter() - t_ledger  # watching costs, counted
-            events.span(phase, "compute", t0, t1, self.global_steps)
-            events.publish("memory", dict(step=self.global_steps, phase=phase, time=t1, bytes=snapshot))
+            events.span(phase, "compute", t0, t1, step)
+            events.publish("memory", dict(step=step, phase=phase, time=t1, bytes=snapshot))
 
     def _take_model_step(self) -> None:
         if self.zero is not None:
@@ -294,7 +296,7 @@ class DeepSpeedEngine(torch.nn.Module):
             return
         loss = torch.stack(self.losses).mean().item()
         events.current_step = self.global_steps
-        events.publish("loss", dict(step=self.global_steps, loss=loss))
+        events.publish("loss", dict(step=self.global_steps - 1, loss=loss))
         for monitor in self.monitors:
             monitor.write([("Train/Samples/train_loss", loss, self.global_samples),
                            ("Train/Samples/lr", self.get_lr()[0], self.global_samples)]
