@@ -67,6 +67,19 @@ def _estimate(args) -> int:
     return 0
 
 
+def _zero_to_fp32(args) -> int:
+    """Merge a checkpoint's shards (any stage, any number of ranks) into one fp32 state_dict file."""
+    import torch
+    from ds_lab.runtime.checkpoint import atomic_write
+    from ds_lab.zero import consolidate
+
+    state = consolidate(args.checkpoint_dir, tag=args.tag)
+    atomic_write(args.output_file, lambda f: torch.save(state, f))
+    total = sum(v.numel() for v in state.values())
+    print(f"wrote {args.output_file}: {len(state)} tensors, {total:,} elements, fp32")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ds-lab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,9 +100,13 @@ def main(argv=None) -> int:
     estimate.add_argument("--world-size", type=int, required=True, help="data-parallel ranks N")
     estimate.add_argument("--precision", choices=["mixed", "fp32"], default="mixed")
     estimate.add_argument("--gpu-memory", type=float, help="bytes per GPU, e.g. 80e9: also print what fits")
+    to_fp32 = sub.add_parser("zero-to-fp32", help="merge a (ZeRO) checkpoint into one fp32 state_dict file")
+    to_fp32.add_argument("checkpoint_dir")
+    to_fp32.add_argument("output_file")
+    to_fp32.add_argument("--tag", help="checkpoint tag (default: the one in 'latest')")
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "estimate": _estimate}[args.command](args)
+        return {"train": _train, "estimate": _estimate, "zero-to-fp32": _zero_to_fp32}[args.command](args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

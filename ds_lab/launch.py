@@ -3,9 +3,9 @@
     results = ds_lab.launch(train, 4, steps=10)     # -> [rank0_result, ..., rank3_result]
 
 How it works
-- The parent opens a TCPStore on a free loopback port (port 0: the OS picks, so two launches
-  never collide) and starts `world_size` child processes. Each child joins the process group
-  through that store (gloo on CPU; NCCL when every rank can have its own GPU), runs
+- The parent asks the OS for a free loopback port and starts `world_size` child processes.
+  Rank 0 hosts the rendezvous store on that port; each child joins the process group through it
+  (gloo on CPU; NCCL when every rank can have its own GPU), runs
   `fn(*args, **kwargs)`, and sends back its result, its prints, its events, or its traceback, over
   its own pipe.
 - Children are *forked* on CPU, so a function defined in a notebook cell just works (nothing has
@@ -29,6 +29,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
+import socket
 import sys
 import threading
 import time
@@ -115,8 +116,9 @@ def _child(rank, world_size, port, backend, timeout, conn, payload, threads, for
         fn, args, kwargs = payload if forked else _loads_fn(payload)
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout))
+        # rank 0 hosts the rendezvous store: the parent runs no store thread across the fork
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
+                              wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout))
         comm.init_distributed(backend, timeout=timeout, rank=rank, world_size=world_size, store=store)
         if want_events:
             events.start(_channel)
@@ -199,14 +201,13 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
     payload = (fn, args, kwargs) if forked else _dumps_fn(fn, args, kwargs)
     threads = 1 if forked else max(1, (os.cpu_count() or 1) // world_size)
 
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout))
+    port = _free_port()
     procs, conns = [], {}
     try:
         for rank in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_child, name=f"ds_lab-rank{rank}", daemon=True,
-                            args=(rank, world_size, store.port, backend, timeout, writer, payload,
+                            args=(rank, world_size, port, backend, timeout, writer, payload,
                                   threads, forked, on_event is not None))
             p.start()
             writer.close()  # the parent keeps only the reading end: EOF means the child is gone
@@ -217,7 +218,13 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
         _stop(procs)
         for c in conns:
             c.close()
-        del store
+
+
+def _free_port() -> int:
+    """A loopback port nobody listens on now (the OS picks it), for rank 0's store."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _collect(procs, conns, on_event, deadline) -> list:

@@ -73,6 +73,13 @@ def rank_slice(batch, rank, world_size, micro, accumulation):
     return batch[start:start + b]
 
 
+def global_mean(micro_losses) -> float:
+    """The global batch's loss: the mean over micro-steps and ranks (equal-sized slices)."""
+    mean = torch.stack(micro_losses).mean()
+    comm.all_reduce(mean)
+    return mean.item() / comm.get_world_size()
+
+
 def dp_train_worker(config, batches, model=None, seed=0, inject_inf_at=None):
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(**(model or TINY)))
@@ -87,12 +94,13 @@ def dp_train_worker(config, batches, model=None, seed=0, inject_inf_at=None):
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
             if inject_inf_at == step and micro == accumulation - 1 and rank == 0:
-                next(engine.module.parameters()).grad.view(-1)[0] = float("inf")
+                if engine.zero is not None:  # ZeRO: the gradient lives in this rank's shard
+                    engine.zero.grad_chunk(engine.zero.units[0])[0] = float("inf")
+                else:
+                    next(engine.module.parameters()).grad.view(-1)[0] = float("inf")
             engine.step()
             step_losses.append(loss.detach().float())
-        mean = torch.stack(step_losses).mean()
-        comm.all_reduce(mean)
-        losses.append(mean.item() / n)
+        losses.append(global_mean(step_losses))
         scales.append(engine.loss_scale)
         applied.append(engine.was_step_applied())
         grad_bytes.append(sum(r.bytes for r in comm.get_log() if r.tag == "grad_allreduce"))
@@ -139,12 +147,14 @@ def checkpoint_worker(config, batches, ckpt_dir, resume=False, model=None):
     rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
     losses = []
     for batch in batches:
+        step_losses = []
         for micro in range(accumulation):
             x = rank_slice(batch, rank, n, micro, accumulation)
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
             engine.step()
-        losses.append(loss.item())
+            step_losses.append(loss.detach().float())
+        losses.append(global_mean(step_losses))
     if not resume:
         engine.save_checkpoint(ckpt_dir, client_state={"data_position": len(batches)})
     return dict(losses=losses, client_state=client, global_steps=engine.global_steps,
@@ -179,3 +189,66 @@ def hf_article_example(save_dir, steps=3):
         losses.append(loss.item())
     engine.save_checkpoint(save_dir)
     return dict(losses=losses, steps=engine.global_steps)
+
+
+COMM_TAGS = ("grad_allreduce", "grad_reduce_scatter", "param_allgather")
+
+
+def zero_measure_worker(config, batches, model, seed=0, use_init=False):
+    """Train a few steps; return the ledger, the wire bytes per step, and ZeRO-3's live peak."""
+    torch.manual_seed(seed)
+    if use_init:
+        from ds_lab.zero.init import Init
+        Init.peak_bytes = 0
+        with Init():
+            gpt = GPT(GPTConfig(**model))
+        init_peak = Init.peak_bytes
+        init_params_bytes = sum(p.numel() * p.element_size() for p in gpt.parameters())
+    else:
+        gpt, init_peak, init_params_bytes = GPT(GPTConfig(**model)), None, None
+    engine, _, _, _ = ds_lab.initialize(model=gpt, config=config)
+    rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
+    wire, losses = [], []
+    for batch in batches:
+        comm.reset_log()
+        step_losses = []
+        for micro in range(accumulation):
+            x = rank_slice(batch, rank, n, micro, accumulation)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            step_losses.append(loss.detach().float())
+        wire.append(sum(r.wire_bytes for r in comm.get_log() if r.tag in COMM_TAGS))
+        losses.append(global_mean(step_losses))
+    largest_unit = max((u.padded for u in engine.zero.units), default=0) if engine.zero else 0
+    return dict(memory=engine.memory_report(), num_parameters=engine.num_parameters(), wire=wire,
+                losses=losses, peak_live=getattr(engine.zero, "peak_live_bytes", None),
+                largest_unit=largest_unit, init_peak=init_peak, init_params_bytes=init_params_bytes,
+                weights=full_weights(engine), grad_norm=engine.get_global_grad_norm())
+
+
+def gathered_parameters_worker(config):
+    from ds_lab.zero import GatheredParameters
+    torch.manual_seed(0)
+    engine, _, _, _ = ds_lab.initialize(model=GPT(GPTConfig(**TINY)), config=config)
+    weight = engine.module.blocks[0].mlp.c_fc.weight
+    with GatheredParameters(weight, modifier_rank=0):
+        shape = tuple(weight.shape)
+        if comm.get_rank() == 0:
+            with torch.no_grad():
+                weight.fill_(0.5)
+    after_exit = weight.numel()  # released again: only this rank's chunk remains elsewhere
+    return dict(shape=shape, after_exit=after_exit,
+                value=full_weights(engine)["blocks.0.mlp.c_fc.weight"])
+
+
+def consolidate_worker(config, batches, ckpt_dir):
+    torch.manual_seed(0)
+    engine, _, _, _ = ds_lab.initialize(model=GPT(GPTConfig(**TINY)), config=config)
+    rank, n = comm.get_rank(), comm.get_world_size()
+    for batch in batches:
+        x = rank_slice(batch, rank, n, 0, 1)
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    engine.save_checkpoint(ckpt_dir)
+    return full_weights(engine)

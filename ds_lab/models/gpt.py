@@ -53,6 +53,30 @@ class GPTOutput:
         return getattr(self, key)
 
 
+class Linear(nn.Linear):
+    """nn.Linear initialised GPT-2 style (normal(0, std) weights, zero bias) inside its own
+    constructor. Every weight is initialised by the module that owns it, never afterwards by a
+    parent, so `ds_lab.zero.Init` can partition each module the moment it is built."""
+
+    def __init__(self, in_features, out_features, bias=True, std=0.02):
+        super().__init__(in_features, out_features, bias=bias)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, num_embeddings, embedding_dim, std=0.02):
+        super().__init__(num_embeddings, embedding_dim)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+def residual_std(config) -> float:
+    """GPT-2: each residual projection adds to the stream once per layer, twice per block;
+    scaling its init by 1/sqrt(2 * n_layer) keeps the stream's variance independent of depth."""
+    return 0.02 / math.sqrt(2 * config.n_layer)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -62,8 +86,8 @@ class CausalSelfAttention(nn.Module):
                 "choose n_head so that each head gets n_embd // n_head whole dimensions"
             )
         # One Linear for q, k and v: a single matmul instead of three.
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias, std=residual_std(config))
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
@@ -83,8 +107,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias, std=residual_std(config))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -109,31 +133,16 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wte = Embedding(config.vocab_size, config.n_embd)
+        self.wpe = Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # One matrix both embeds tokens and scores them: fewer parameters, and the
             # input and output views of a token stay consistent.
             self.lm_head.weight = self.wte.weight
-
-        self.apply(self._init_weights)
-        # GPT-2: each residual projection adds to the stream once per layer, twice per block;
-        # scaling its init by 1/sqrt(2 * n_layer) keeps the stream's variance independent of depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_parameters(self) -> int:
         """Unique parameters: a tied matrix counts once (`parameters()` already deduplicates)."""

@@ -27,6 +27,11 @@ def _storage_key(t: torch.Tensor):
     return (s.data_ptr(), t.device), s.nbytes()
 
 
+def storage_key(t: torch.Tensor):
+    """What identifies a tensor's memory: two views of one buffer share it."""
+    return _storage_key(t)[0]
+
+
 def storage_bytes(tensors, seen: set | None = None) -> int:
     """Bytes of the distinct storages behind `tensors` (skipping those already in `seen`)."""
     seen = set() if seen is None else seen
@@ -81,8 +86,9 @@ class ActivationTracker:
     freed (after backward), which is when their bytes leave the count.
     """
 
-    def __init__(self, exclude=()):
+    def __init__(self, exclude=(), live_param_storages=None):
         self.exclude_tensors = list(exclude)
+        self.live_param_storages = live_param_storages if live_param_storages is not None else set()
         self.refs: dict = {}
         self.sizes: dict = {}
         self.live = 0
@@ -99,8 +105,8 @@ class ActivationTracker:
                 or t.layout != torch.strided:
             return t  # parameters are counted as parameters, not as activations
         key, nbytes = _storage_key(t)
-        if key in self._skip:
-            return t
+        if key in self._skip or key in self.live_param_storages:
+            return t  # a view of a parameter (e.g. a transposed weight) is not an activation
         if self.refs.get(key, 0) == 0:
             self.sizes[key] = nbytes
             self.live += nbytes

@@ -75,7 +75,8 @@ class DeepSpeedEngine(torch.nn.Module):
         self.loss_scaler = make_loss_scaler(config.fp16)
         self.lr_scheduler = self._configure_scheduler(lr_scheduler)
         self.training_dataloader = self._dataloader(training_data, collate_fn) if training_data is not None else None
-        self.activations = ActivationTracker(exclude=list(model.parameters()))
+        self.activations = ActivationTracker(exclude=list(model.parameters()),
+                                             live_param_storages=getattr(self.zero, "live_storages", None))
         self.timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self.monitors = build_monitors(config, rank=comm.get_rank())
 

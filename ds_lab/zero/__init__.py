@@ -20,4 +20,6 @@ def build_zero_optimizer(zero_config, module, groups, dp_group, model_dtype, dev
     return ZeroStage3.build(zero_config, module, groups, dp_group, model_dtype, device)
 
 
-__all__ = ["build_zero_optimizer", "consolidate"]
+from ds_lab.zero.init import GatheredParameters, Init
+
+__all__ = ["build_zero_optimizer", "consolidate", "Init", "GatheredParameters"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ds_lab import comm
+from ds_lab.monitor.memory import storage_key
 from ds_lab.runtime.data_parallel import ReadyInOrder
 from ds_lab.zero.init import forget_init_shards
 from ds_lab.zero.partition import Unit, ZeroOptimizerBase
@@ -101,13 +102,14 @@ class ZeroStage3(ZeroOptimizerBase):
     def attach(self) -> None:
         self._init_cache = None
         self.live_bytes = self.peak_live_bytes = 0
+        self.live_storages = set()  # storages of whole parameters now: not activations, for the ledger
         self.unit_of = {p: unit for unit in self.units for p in unit.params}
         for unit in self.units:
             unit.persistent = unit.numel < self.persistence_threshold
             unit.shard = self.master_chunk(unit).to(self.model_dtype, copy=True)
             unit.flat, unit.handle = None, None
-            for p in unit.params:
-                p.ds_zero = self
+            for p, shape in zip(unit.params, unit.shapes):
+                p.ds_zero, p.ds_shape = self, shape  # the real shape, once .data is only a chunk
             if unit.persistent:
                 unit.flat = torch.empty(unit.padded, dtype=self.model_dtype, device=self.device)
                 comm.all_gather(unit.flat, unit.shard, group=self.dp_group)
@@ -145,6 +147,7 @@ class ZeroStage3(ZeroOptimizerBase):
         self._issue_gather(unit)
         unit.handle.wait()
         unit.flat, unit.handle, unit.pending_flat = unit.pending_flat, None, None
+        self.live_storages.add(storage_key(unit.flat))
         self._point_params(unit)
 
     def _release(self, unit) -> None:
@@ -152,6 +155,7 @@ class ZeroStage3(ZeroOptimizerBase):
             return
         if unit.flat is not None:
             self._count(-unit.flat.numel() * unit.flat.element_size())
+            self.live_storages.discard(storage_key(unit.flat))
         unit.flat = None
         for p in unit.params:
             p.data = torch.empty(0, dtype=self.model_dtype, device=self.device)
