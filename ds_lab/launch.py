@@ -25,6 +25,7 @@ How it works
 from __future__ import annotations
 
 import datetime
+import importlib
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -114,6 +115,8 @@ def _child(rank, world_size, port, backend, timeout, conn, payload, threads, for
     comm.reset_log()  # a forked child inherits the parent's log
     try:
         fn, args, kwargs = payload if forked else _loads_fn(payload)
+        if dist.is_initialized():  # inherited across fork (e.g. the notebook ran initialize()):
+            dist.destroy_process_group()  # drop this process's copy; the parent keeps its own
         if backend == "nccl":
             torch.cuda.set_device(rank)
         # rank 0 hosts the rendezvous store: the parent runs no store thread across the fork
@@ -197,6 +200,10 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
         cuda_used = backend == "nccl" or torch.cuda.is_initialized()
         start_method = "spawn" if cuda_used or "fork" not in mp.get_all_start_methods() else "fork"
     forked = start_method == "fork"
+    if forked:
+        # torch imports torch._dynamo lazily in the first Optimizer(); doing it once here saves every
+        # forked rank seconds at each launch (children share the parent's loaded modules)
+        importlib.import_module("torch._dynamo")
     ctx = mp.get_context(start_method)
     payload = (fn, args, kwargs) if forked else _dumps_fn(fn, args, kwargs)
     threads = 1 if forked else max(1, (os.cpu_count() or 1) // world_size)

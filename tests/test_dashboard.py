@@ -116,7 +116,7 @@ def test_live_redraws_are_throttled_to_refresh_hz():
         dash(*event)
         time.sleep(0.001)  # events arrive over about a second
     elapsed = time.monotonic() - start
-    assert 2 <= dash.redraws <= 20.0 * elapsed + 1
+    assert 1 <= dash.redraws <= 20.0 * elapsed + 1  # live, but never faster than refresh_hz
     assert dash.store.events == len(events)
 
 

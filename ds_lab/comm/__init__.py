@@ -333,8 +333,12 @@ def format_summary(rows=None) -> str:
 
 
 def log_summary(records=None) -> None:
-    """Print op, message size, count, total/avg latency, algbw and busbw, like DeepSpeed's."""
-    print(format_summary(summarize(records)))
+    """Print op, message size, count, total/avg latency, algbw and busbw, like DeepSpeed's.
+    `records`: CommRecords (default: this process's log) or rows already `summarize()`d."""
+    if records and isinstance(records[0], dict):
+        print(format_summary(records))
+    else:
+        print(format_summary(summarize(records)))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,12 @@ def stop() -> None:
         _sender = None
 
 
+def set_step(step: int) -> None:
+    """Stamp the collectives that follow with this step (the engine does it; hand-written loops may)."""
+    global current_step
+    current_step = step
+
+
 def enabled() -> bool:
     return _sender is not None
 

@@ -115,10 +115,15 @@ class BucketedAllReduce:
             self.handles.append(handle)
 
     # ---- called by the engine -----------------------------------------------------------------
-    def start(self) -> None:
-        """Before the boundary micro-step's backward."""
-        self.handles = []
-        self.tracker.start()
+    def backward_start(self, boundary: bool) -> None:
+        """Before backward: only the boundary micro-step communicates."""
+        if boundary:
+            self.handles = []
+            self.tracker.start()
+
+    def backward_end(self, boundary: bool) -> None:
+        if boundary:
+            self.finish()
 
     def finish(self) -> None:
         """After the boundary backward: reduce what is left (unused parameters, or everything

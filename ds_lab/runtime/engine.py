@@ -198,17 +198,14 @@ class DeepSpeedEngine(torch.nn.Module):
         if self.loss_scaler is not None:
             loss = loss.float() * self.loss_scaler.loss_scale
         boundary = self.is_gradient_accumulation_boundary()
-        if self.zero is not None:
-            self.zero.backward_start(boundary)
-            loss.backward(retain_graph=retain_graph)
-            self.zero.backward_end(boundary)
-        else:
-            if boundary:
-                self.reducer.start()
-            loss.backward(retain_graph=retain_graph)
-            if boundary:
-                self.reducer.finish()
-        self._phase_done("backward", t0)
+        sync = self.zero if self.zero is not None else self.reducer
+        sync.backward_start(boundary)
+        loss.backward(retain_graph=retain_graph)
+        t_computed = time.time()
+        sync.backward_end(boundary)  # wait for the gradient collectives still in flight
+        if events.enabled():  # the wait is drawn apart, so overlap with backward stays visible
+            events.span("grad sync wait", "comm", t_computed, time.time(), self.global_steps)
+        self._phase_done("backward", t0, end=t_computed)
         return loss
 
     def zero_grad(self) -> None:
@@ -224,11 +221,11 @@ class DeepSpeedEngine(torch.nn.Module):
         self.micro_steps += 1
         self._phase_done("step", t0, step)
 
-    def _phase_done(self, phase: str, t0: float, step=None) -> None:
-        """Account a phase's time; when a dashboard is watching, publish its span and the ledger
-        (stamped with the optimizer step the phase belongs to)."""
-        t1 = time.time()
-        self.timers[phase] += t1 - t0
+    def _phase_done(self, phase: str, t0: float, step=None, end=None) -> None:
+        """Account a phase's time; when a dashboard is watching, publish its span (t0 to `end`)
+        and the ledger (stamped with the optimizer step the phase belongs to)."""
+        self.timers[phase] += time.time() - t0
+        t1 = end or time.time()
         if events.enabled():
             step = self.global_steps if step is None else step
             t_ledger = time.perf_counter()
