@@ -40,9 +40,6 @@ CH01_SETUP = """
     %matplotlib inline
     import torch
     import matplotlib.pyplot as plt
-    # torch.optim imports torch._dynamo when a process builds its first optimizer, which costs
-    # seconds of CPU. Importing it once here lets the forked ranks inherit it instead.
-    import torch._dynamo  # noqa: F401
 
     import ds_lab
     from ds_lab.data import DistributedLoader, corpus_tokens
@@ -393,9 +390,6 @@ CH02_SETUP = """
 
     import torch
     import matplotlib.pyplot as plt
-    # torch.optim imports torch._dynamo when a process builds its first optimizer, which costs
-    # seconds of CPU. Importing it once here lets the forked ranks inherit it instead.
-    import torch._dynamo  # noqa: F401
 
     import ds_lab
     from ds_lab import comm
