@@ -37,11 +37,20 @@ def _train(args) -> int:
         config["gradient_accumulation_steps"] = args.grad_accum
     if args.precision != "fp32":
         config[args.precision] = {"enabled": True}
-    DeepSpeedConfig.from_any(config, world_size=args.world_size)  # a bad config fails here, clearly
+    if args.zero_stage is not None:
+        config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    parsed = DeepSpeedConfig.from_any(config, world_size=args.world_size)  # a bad config fails here, clearly
     model = dict(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.seq_len)
-    print(f"ds-lab train: {args.world_size} ranks, {args.steps} steps, precision {args.precision}")
+    print(f"ds-lab train: {args.world_size} ranks, {args.steps} steps, precision {parsed.precision}, "
+          f"ZeRO stage {parsed.zero_optimization.stage}")
+    dashboard = None
+    if args.report:
+        from ds_lab.monitor import Dashboard
+        dashboard = Dashboard(title=f"ds-lab train, {args.world_size} ranks", live=False,
+                              theory=_theory(parsed, model, args.world_size))
     t0 = time.perf_counter()
-    results = launch(train_worker, args.world_size, config=config, model=model, steps=args.steps, seed=args.seed)
+    results = launch(train_worker, args.world_size, config=config, model=model, steps=args.steps, seed=args.seed,
+                     dashboard=dashboard)
     wall = time.perf_counter() - t0
     r0 = results[0]
     print(f"\nparameters Ψ = {r0['num_parameters']:,}   final loss {r0['losses'][-1]:.3f}   "
@@ -50,7 +59,52 @@ def _train(args) -> int:
     print(format_memory(results))
     print("\ncommunication on rank 0 (training loop):")
     print(comm.format_summary(r0["comm"]))
+    if args.report:
+        _write_report(args.report, dashboard, results, config, model, wall)
     return 0
+
+
+def _theory(parsed, model, world_size) -> dict:
+    """What the paper predicts for this run: model-state bytes per rank, wire bytes per step."""
+    from ds_lab.models import GPT, GPTConfig
+    from ds_lab.train import DEFAULT_MODEL
+    from ds_lab.zero.estimate import estimate_ledger
+
+    psi = GPT(GPTConfig(**{**DEFAULT_MODEL, **model})).num_parameters()
+    stage, n = parsed.zero_optimization.stage, world_size
+    memory = estimate_ledger(psi, n, stage, precision=parsed.precision)
+    memory.pop("total")
+    grad_bytes = psi * (4 if parsed.precision == "fp32" else 2)
+    rounds = 3 if stage == 3 else 2  # ZeRO-3 gathers the parameters twice, others once (in all-reduce)
+    return {"memory": memory,
+            "comm": {"per_step_bytes": rounds * (n - 1) / n * grad_bytes,
+                     "label": f"{rounds}(N-1)/N x gradient bytes"}}
+
+
+def _write_report(folder, dashboard, results, config, model, wall) -> None:
+    """The dashboard (all four panels, and each alone) as PNGs, and every number as JSON."""
+    import os
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ds_lab.monitor import plots
+
+    os.makedirs(folder, exist_ok=True)
+    dashboard.save_png(os.path.join(folder, "dashboard.png"))
+    theory = dashboard.theory
+    for name, draw in (("memory", lambda ax: plots.plot_memory(ax, dashboard.store, theory)),
+                       ("comm", lambda ax: plots.plot_comm(ax, dashboard.store, theory)),
+                       ("loss", lambda ax: plots.plot_loss(ax, dashboard.store)),
+                       ("timeline", lambda ax: plots.plot_timeline(ax, dashboard.store))):
+        fig = Figure(figsize=(8, 5), layout="constrained")
+        FigureCanvasAgg(fig)
+        draw(fig.add_subplot())
+        fig.savefig(os.path.join(folder, f"{name}.png"), dpi=100)
+    measurements = dict(config=config, model=model, wall_seconds=wall, theory=theory,
+                        ranks=[{k: v for k, v in r.items()} for r in results])
+    with open(os.path.join(folder, "measurements.json"), "w") as f:
+        json.dump(measurements, f, indent=1, default=str)
+    print(f"\nreport: {folder}/dashboard.png, memory.png, comm.png, loss.png, timeline.png, measurements.json")
 
 
 def _estimate(args) -> int:
@@ -95,6 +149,8 @@ def main(argv=None) -> int:
     train.add_argument("--heads", type=int, default=4)
     train.add_argument("--seq-len", type=int, default=128)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="zero_optimization.stage")
+    train.add_argument("--report", metavar="DIR", help="write the dashboard's PNGs and a JSON of the measurements")
     estimate = sub.add_parser("estimate", help="per-rank memory of model states at ZeRO stages 0-3 (no training)")
     estimate.add_argument("--params", type=float, required=True, help="number of parameters Ψ, e.g. 7.5e9")
     estimate.add_argument("--world-size", type=int, required=True, help="data-parallel ranks N")
