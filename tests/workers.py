@@ -252,3 +252,37 @@ def consolidate_worker(config, batches, ckpt_dir):
         engine.step()
     engine.save_checkpoint(ckpt_dir)
     return full_weights(engine)
+
+
+def topology_worker(pipe, data, model):
+    from ds_lab.comm.topology import ProcessGroups, ProcessTopology
+    groups = ProcessGroups(ProcessTopology(pipe=pipe, data=data, model=model))
+    t = torch.tensor([float(comm.get_rank())])
+    comm.all_reduce(t, group=groups.get_data_parallel_group())
+    return dict(coord=groups.coord, data_ranks=groups.ranks["data"], data_sum=t.item(),
+                dp_size=groups.get_data_parallel_world_size(), dp_rank=groups.get_data_parallel_rank())
+
+
+def api_worker(config_path):
+    import argparse
+    args = argparse.Namespace(deepspeed_config=config_path, local_rank=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    dataset = [{"input_ids": torch.randint(0, 256, (16,))} for _ in range(32)]
+    engine, optimizer, loader, scheduler = ds_lab.initialize(args=args, model=model, training_data=dataset,
+                                                             model_parameters=model.parameters())
+    out = dict(tbs=engine.train_batch_size(), micro=engine.train_micro_batch_size_per_gpu(),
+               ga=engine.gradient_accumulation_steps(), lr0=engine.get_lr(), loader_batches=len(loader),
+               scheduler=type(scheduler).__name__, optimizer_is_engine_optimizer=optimizer is engine.optimizer)
+    boundaries = []
+    for batch in loader:
+        x = batch["input_ids"]
+        boundaries.append(engine.is_gradient_accumulation_boundary())
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+        if len(boundaries) == 4:
+            break
+    out.update(boundaries=boundaries, global_steps=engine.global_steps, lr1=engine.get_lr(),
+               grad_norm=engine.get_global_grad_norm(), applied=engine.was_step_applied(),
+               micro_shape=tuple(x.shape))
+    return out
