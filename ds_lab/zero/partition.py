@@ -170,8 +170,9 @@ class ZeroOptimizerBase:
                 h.wait()
 
     def gather_into(self, unit, chunk, async_op=True):
-        """All-gather every rank's `chunk` of `unit` into its full flat parameter vector."""
-        raise NotImplementedError
+        """All-gather every rank's `chunk` of `unit` into its whole flat parameter vector
+        (which the parameters are views of, so they change in place)."""
+        return comm.all_gather(unit.flat, chunk, group=self.dp_group, async_op=async_op)
 
     # ---- measurement and state -------------------------------------------------------------------
     def ledger_categories(self) -> dict:

@@ -69,9 +69,6 @@ class ZeroStage1(ZeroOptimizerBase):
     def grad_chunk(self, unit) -> torch.Tensor:
         return unit.grad_flat[unit.mine]
 
-    def gather_into(self, unit, chunk, async_op=True):
-        return comm.all_gather(unit.flat, chunk, group=self.dp_group, async_op=async_op)
-
     def zero_grad(self) -> None:
         for unit in self.units:
             unit.grad_flat.zero_()

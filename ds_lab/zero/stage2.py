@@ -35,16 +35,21 @@ class ZeroStage2(ZeroOptimizerBase):
             unit.flat = unit.flatten([p.detach() for p in unit.params], self.model_dtype)
             for p, view in zip(unit.params, unit.views(unit.flat)):
                 p.data = view
+        self.attach_gradient_shards(self.units)
+
+    def attach_gradient_shards(self, backward_order: list) -> None:
+        """Gradient shards, and a reduce-scatter per unit as soon as backward has its gradients."""
         self.grad_shards = [torch.zeros_like(m, dtype=self.model_dtype) for m in self.masters]
         self.pending, self.in_flight = [], []
-        self.tracker = ReadyInOrder([u.params for u in self.units], self._reduce)
+        self.tracker = ReadyInOrder([u.params for u in backward_order],
+                                    lambda i: self.reduce_unit(backward_order[i]))
 
-    def _reduce(self, index: int) -> None:
-        unit = self.units[index]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in unit.params]
+    def reduce_unit(self, unit) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros(shape, dtype=self.model_dtype, device=self.device)
+                 for p, shape in zip(unit.params, unit.shapes)]
         flat = unit.flatten(grads, self.model_dtype)
         for p in unit.params:
-            p.grad = None  # the full gradient of this bucket is gone; only the flat copy travels
+            p.grad = None  # the full gradient of this unit is gone; only the flat copy travels
         flat.div_(self.world_size)
         out = torch.empty(unit.chunk, dtype=self.model_dtype, device=self.device)
         with comm.tag("grad_reduce_scatter"):
@@ -64,9 +69,6 @@ class ZeroStage2(ZeroOptimizerBase):
 
     def grad_chunk(self, unit) -> torch.Tensor:
         return self.grad_shards[unit.group][unit.shard_offset:unit.shard_offset + unit.chunk]
-
-    def gather_into(self, unit, chunk, async_op=True):
-        return comm.all_gather(unit.flat, chunk, group=self.dp_group, async_op=async_op)
 
     def zero_grad(self) -> None:
         for shard in self.grad_shards:

@@ -30,9 +30,9 @@ import torch
 
 from ds_lab import comm
 from ds_lab.monitor.memory import storage_key
-from ds_lab.runtime.data_parallel import ReadyInOrder
 from ds_lab.zero.init import forget_init_shards
-from ds_lab.zero.partition import Unit, ZeroOptimizerBase
+from ds_lab.zero.partition import Unit
+from ds_lab.zero.stage2 import ZeroStage2
 
 
 def _tensors(out):
@@ -70,9 +70,10 @@ def module_units(module, groups: list, world_size: int, rank: int):
     return units, needs
 
 
-class ZeroStage3(ZeroOptimizerBase):
+class ZeroStage3(ZeroStage2):
+    """Stage 2 (gradient shards, reduce-scatter as backward goes) plus partitioned parameters."""
+
     stage = 3
-    reduce_every_micro_step = True
 
     @classmethod
     def build(cls, zero_config, module, groups, dp_group, model_dtype, device):
@@ -116,9 +117,7 @@ class ZeroStage3(ZeroOptimizerBase):
                 self._point_params(unit)
             else:
                 self._release(unit)
-        self.grad_shards = [torch.zeros_like(m, dtype=self.model_dtype) for m in self.masters]
-        self.pending, self.in_flight = [], []
-        self.tracker = ReadyInOrder([u.params for u in reversed(self.units)], self._reduce)
+        self.attach_gradient_shards(list(reversed(self.units)))  # backward meets modules last to first
         self.order, self.position, self.recorded = [], 0, False
         self.module.register_forward_pre_hook(self._start_forward)
         self.module.register_forward_hook(self._end_forward)
@@ -205,34 +204,9 @@ class ZeroStage3(ZeroOptimizerBase):
         for unit in self.needs[mod]:
             self.gather(unit)
 
-    def _reduce(self, index: int) -> None:
-        unit = self.units[len(self.units) - 1 - index]  # the tracker sees units in backward order
-        grads = [p.grad if p.grad is not None else torch.zeros(s, dtype=self.model_dtype, device=self.device)
-                 for p, s in zip(unit.params, unit.shapes)]
-        flat = unit.flatten(grads, self.model_dtype)
-        for p in unit.params:
-            p.grad = None
-        self._release(unit)
-        flat.div_(self.world_size)
-        out = torch.empty(unit.chunk, dtype=self.model_dtype, device=self.device)
-        with comm.tag("grad_reduce_scatter"):
-            handle = comm.reduce_scatter(out, flat, group=self.dp_group, async_op=True)
-        self.pending.append((unit, out, handle))
-        self.in_flight.append(flat)
-
-    # ---- the engine's interface ------------------------------------------------------------------
-    def backward_start(self, boundary: bool) -> None:
-        self.tracker.start()
-
-    def backward_end(self, boundary: bool) -> None:
-        self.tracker.flush()
-        for unit, out, handle in self.pending:
-            handle.wait()
-            self.grad_chunk(unit).add_(out)
-        self.pending, self.in_flight = [], []
-
-    def grad_chunk(self, unit) -> torch.Tensor:
-        return self.grad_shards[unit.group][unit.shard_offset:unit.shard_offset + unit.chunk]
+    def reduce_unit(self, unit) -> None:
+        self._release(unit)  # the module's backward is done: its whole parameters can go
+        super().reduce_unit(unit)
 
     def publish_params(self) -> None:
         """Stage 3 keeps only chunks: the new master chunk becomes the parameter chunk, no traffic
@@ -242,13 +216,6 @@ class ZeroStage3(ZeroOptimizerBase):
             if unit.persistent:
                 with comm.tag("param_allgather"):
                     comm.all_gather(unit.flat, unit.shard, group=self.dp_group)
-
-    def gather_into(self, unit, chunk, async_op=True):
-        raise NotImplementedError("stage 3 publishes by copying chunks; see publish_params")
-
-    def zero_grad(self) -> None:
-        for shard in self.grad_shards:
-            shard.zero_()
 
     def ledger_categories(self) -> dict:
         whole = [u.flat for u in self.units if u.flat is not None]
