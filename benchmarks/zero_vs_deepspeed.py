@@ -35,6 +35,7 @@ difference is |loss_ds_lab - loss_DeepSpeed| on the same rank and step, max over
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import logging
@@ -84,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--ds-adam", choices=("auto", "fused", "torch"), default="auto",
                    help="DeepSpeed's Adam: its CPU FusedAdam op (built on first use), torch.optim.AdamW "
                         "(torch_adam: true), or fused when it builds and torch otherwise")
+    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave on ds_lab's per-forward activation accounting (saved-tensor hooks)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
@@ -159,6 +162,8 @@ def run_stage(args, stage: int, torch_adam: bool) -> dict:
     if torch_adam:
         ds_cfg["optimizer"]["params"]["torch_adam"] = True
     engine, _, _, _ = ds_lab.initialize(model=model, config=cfg)
+    if not args.activation_tracking:
+        engine.activations.track = contextlib.nullcontext
     ds_engine, _, _, _ = deepspeed.initialize(model=twin, model_parameters=twin.parameters(), config=ds_cfg)
     loader = DistributedLoader(corpus_tokens(), args.block_size, args.micro_batch,
                                dp_rank=engine.dp_rank, dp_size=engine.dp_world_size, seed=args.seed)
@@ -223,7 +228,8 @@ def report(args, results, version: str, adam_note: str) -> str:
              f"config (both): optimizer Adam (AdamW semantics), gradient_clipping={args.clip}, "
              f"reduce/allgather_bucket_size={args.bucket:,}, overlap_comm={args.overlap_comm}, "
              f"stage3_prefetch_bucket_size={args.prefetch:,}, "
-             f"stage3_param_persistence_threshold={args.persistence_threshold:,}",
+             f"stage3_param_persistence_threshold={args.persistence_threshold:,}; "
+             f"ds_lab activation tracking={args.activation_tracking}",
              f"DeepSpeed's Adam: {first['ds_optimizer']} ({adam_note}); ds_lab's: ds_lab.optim.Adam (torch _foreach)",
              f"per stage: {args.iters} timed iterations after {args.warmup} warm-up, order alternating", "",
              "rank 0 median ms per step (forward / backward / step), ratio ds_lab/DeepSpeed = median of "

@@ -62,6 +62,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
@@ -501,14 +502,38 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
         gradient_clipping=_number(raw.get("gradient_clipping", 1.0), "gradient_clipping"),
         steps_per_print=None if steps_per_print is None else _positive_integer(steps_per_print, "steps_per_print"),
         wall_clock_breakdown=_boolean(raw.get("wall_clock_breakdown", False), "wall_clock_breakdown"),
-        zero_optimization=_build(ZeroConfig, _section(raw, "zero_optimization"), "zero_optimization",
-                                 _ZERO_CHECKERS, _DEEPSPEED_ZERO_KEYS),
+        zero_optimization=_check_zero_semantics(_build(ZeroConfig, _section(raw, "zero_optimization"),
+                                                       "zero_optimization", _ZERO_CHECKERS, _DEEPSPEED_ZERO_KEYS),
+                                                _section(raw, "zero_optimization")),
         comms_logger=_build(CommsLoggerConfig, _section(raw, "comms_logger"), "comms_logger",
                             _COMMS_LOGGER_CHECKERS, {}),
         csv_monitor=_build(MonitorConfig, _section(raw, "csv_monitor"), "csv_monitor", _MONITOR_CHECKERS, {}),
         tensorboard=_build(MonitorConfig, _section(raw, "tensorboard"), "tensorboard", _MONITOR_CHECKERS, {}),
         raw=raw,
     )
+
+
+# zero_optimization keys ds_lab reads but does not act on: a warning names each one given
+_ZERO_NOT_ENFORCED = {
+    "allgather_bucket_size": "ZeRO-1/2 all-gather per unit (units follow reduce_bucket_size)",
+    "stage3_max_live_parameters": "ZeRO-3 releases each module after use; only the prefetch budget is enforced",
+    "stage3_max_reuse_distance": "ZeRO-3 releases each module after use; only the prefetch budget is enforced",
+}
+
+
+def _check_zero_semantics(zero: "ZeroConfig", given: dict) -> "ZeroConfig":
+    """Say so when a value asks for behaviour ds_lab does not have: nothing is silently ignored."""
+    for key in ("contiguous_gradients", "reduce_scatter"):
+        if given.get(key) is False:
+            raise ConfigError(f"zero_optimization.{key}: false is not supported by ds_lab (its ZeRO always keeps "
+                              f"contiguous flat gradients and reduce-scatters them); remove the key or set it true")
+    for key, why in _ZERO_NOT_ENFORCED.items():
+        if key in given:
+            warnings.warn(f"zero_optimization.{key} is accepted but not enforced by ds_lab: {why}", stacklevel=3)
+    if given.get("overlap_comm") is False and zero.stage > 0:
+        warnings.warn("zero_optimization.overlap_comm: false is honoured at stage 0 only; ds_lab's ZeRO "
+                      "stages always overlap gradient reduction with backward", stacklevel=3)
+    return zero
 
 
 def _load_json(path) -> dict:

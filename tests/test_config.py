@@ -373,3 +373,12 @@ def test_raw_is_a_copy_of_the_users_dict():
     user["fp16"]["enabled"] = True
     assert cfg.raw == {"train_batch_size": 8, "fp16": {"enabled": False}}
 
+
+
+def test_zero_values_ds_lab_cannot_honour_are_errors_and_unenforced_keys_warn():
+    assert "reduce_scatter: false is not supported" in error_of({**BATCH, "zero_optimization": {"stage": 2, "reduce_scatter": False}})
+    assert "contiguous_gradients: false" in error_of({**BATCH, "zero_optimization": {"stage": 2, "contiguous_gradients": False}})
+    with pytest.warns(UserWarning, match="stage3_max_live_parameters is accepted but not enforced"):
+        parse(zero_optimization={"stage": 3, "stage3_max_live_parameters": 1e9})
+    with pytest.warns(UserWarning, match="overlap_comm: false is honoured at stage 0 only"):
+        parse(zero_optimization={"stage": 2, "overlap_comm": False})

@@ -150,11 +150,11 @@ def test_headless_dashboard_never_raises(tmp_path):
     dash.save_png(tmp_path / "headless.png")
 
 
-def test_human_bytes_uses_binary_units_without_scientific_notation():
+def test_human_bytes_uses_decimal_units_like_the_paper_without_scientific_notation():
     assert plots.human_bytes(512) == "512 B"
-    assert plots.human_bytes(1000 * 1024) == "1000 KB"
-    assert plots.human_bytes(1.5 * 2**20) == "1.50 MB"
-    assert plots.human_bytes(123 * 2**30) == "123 GB"
+    assert plots.human_bytes(999_000) == "999 KB"
+    assert plots.human_bytes(1.5e6) == "1.50 MB"
+    assert plots.human_bytes(31.4e9) == "31.4 GB"
 
 
 def test_importing_the_monitor_package_does_not_import_matplotlib():

@@ -45,11 +45,12 @@ def color_for(name: str, table: dict = SPAN_COLORS) -> str:
 
 
 def byte_unit(nbytes: float) -> tuple[int, str]:
-    """The largest binary unit not above `nbytes`: 3e6 -> (1024**2, "MB")."""
+    """The largest decimal unit not above `nbytes` (as the ZeRO paper and the estimator count):
+    3e6 -> (10**6, "MB")."""
     power = 0
-    while power < len(_BYTE_UNITS) - 1 and abs(nbytes) >= 1024 ** (power + 1):
+    while power < len(_BYTE_UNITS) - 1 and abs(nbytes) >= 1000 ** (power + 1):
         power += 1
-    return 1024 ** power, _BYTE_UNITS[power]
+    return 1000 ** power, _BYTE_UNITS[power]
 
 
 def human_bytes(nbytes: float) -> str:

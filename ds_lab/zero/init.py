@@ -89,8 +89,9 @@ class Init:
 
     def __init__(self, module=None, data_parallel_group=None, enabled=True, **unused):
         if module is not None:
-            raise TypeError("zero.Init(module=...) on an existing model is too late: the whole model "
-                            "is already in memory. Build the model inside `with ds_lab.zero.Init():`")
+            raise TypeError("ds_lab's zero.Init does not take module=: converting a model that already "
+                            "exists saves nothing, the whole model is in memory by then (stage 3 partitions "
+                            "it anyway in initialize()). Build the model inside `with ds_lab.zero.Init():`")
         self.group, self.enabled, self.patched = data_parallel_group, enabled, []
 
     def __enter__(self):

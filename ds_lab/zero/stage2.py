@@ -5,10 +5,11 @@ What each of the N data-parallel ranks holds (mixed precision, Ψ parameters, K 
     gradients    2Ψ/N   only the averaged gradient of its own shard
     optimizer    12Ψ/N  its shard of fp32 master weights + Adam m + v
 
-How the full gradient is never kept: during backward, as soon as every gradient of a bucket
-("unit", see `partition.py`) exists, the bucket is flattened, the parameters' .grad are freed, and
-one async reduce-scatter leaves each rank with the average of its own chunk, which it adds to its
-gradient shard. Only the buckets still in flight occupy full-size gradient memory.
+How the full gradient is never kept: during backward, each parameter's gradient is copied into
+its bucket's ("unit", see `partition.py`) flat buffer the moment it is ready, and freed; when a
+bucket is complete, one async reduce-scatter leaves each rank with the average of its own chunk,
+which it adds to its gradient shard. Only the buckets being filled or in flight occupy full-size
+gradient memory.
 
 What crosses the wire per optimizer step (per rank, ring algorithm):
     reduce-scatter of the gradients   (N-1)/N x Ψ   (per micro-step: DeepSpeed's rule for stages
@@ -41,21 +42,32 @@ class ZeroStage2(ZeroOptimizerBase):
         """Gradient shards, and a reduce-scatter per unit as soon as backward has its gradients."""
         self.grad_shards = [torch.zeros_like(m, dtype=self.model_dtype) for m in self.masters]
         self.pending, self.in_flight = [], []
+        self.slot = {p: (unit, offset) for unit in self.units for p, offset in zip(unit.params, unit.offsets)}
+        for unit in self.units:
+            unit.bucket = None
         self.tracker = ReadyInOrder([u.params for u in backward_order],
-                                    lambda i: self.reduce_unit(backward_order[i]))
+                                    lambda i: self.reduce_unit(backward_order[i]), on_grad=self.take_grad)
+
+    def take_grad(self, p) -> None:
+        """A gradient is ready: copy it into its unit's flat bucket and free it at once, so a unit's
+        gradients never exist twice (as DeepSpeed's contiguous bucket does)."""
+        unit, offset = self.slot[p]
+        if unit.bucket is None:
+            unit.bucket = torch.zeros(unit.padded, dtype=self.model_dtype, device=self.device)
+            self.in_flight.append(unit.bucket)
+        unit.bucket[offset:offset + p.grad.numel()].copy_(p.grad.reshape(-1))
+        p.grad = None
 
     def reduce_unit(self, unit) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros(shape, dtype=self.model_dtype, device=self.device)
-                 for p, shape in zip(unit.params, unit.shapes)]
-        flat = unit.flatten(grads, self.model_dtype)
-        for p in unit.params:
-            p.grad = None  # the full gradient of this unit is gone; only the flat copy travels
+        """Average the unit's gradients over the ranks, each rank receiving only its own chunk."""
+        flat = unit.bucket if unit.bucket is not None else \
+            torch.zeros(unit.padded, dtype=self.model_dtype, device=self.device)  # no gradient at all
+        unit.bucket = None
         flat.div_(self.world_size)
         out = torch.empty(unit.chunk, dtype=self.model_dtype, device=self.device)
         with comm.tag("grad_reduce_scatter"):
             handle = comm.reduce_scatter(out, flat, group=self.dp_group, async_op=True)
         self.pending.append((unit, out, handle))
-        self.in_flight.append(flat)
 
     def backward_start(self, boundary: bool) -> None:
         self.tracker.start()

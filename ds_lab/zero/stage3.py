@@ -182,13 +182,13 @@ class ZeroStage3(ZeroStage2):
         """Start the all-gathers of the units the next modules will need, within the budget."""
         if not self.recorded or self.prefetch_elements <= 0:
             return
-        budget = self.prefetch_elements
+        budget = self.prefetch_elements  # whole elements ahead of the current module, in flight or not
         for mod in self.order[self.position + 1:]:
             for unit in self.needs[mod]:
+                if unit.padded > budget:
+                    return
+                budget -= unit.padded
                 if unit.flat is None and unit.handle is None:
-                    if unit.padded > budget:
-                        return
-                    budget -= unit.padded
                     self._issue_gather(unit)
 
     def _post_forward(self, mod, args, output):
