@@ -78,6 +78,7 @@ class DeepSpeedEngine(torch.nn.Module):
         self.activations = ActivationTracker(exclude=list(model.parameters()),
                                              live_param_storages=getattr(self.zero, "live_storages", None))
         self.timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+        self.track_activations = False
         self.monitors = build_monitors(config, rank=comm.get_rank())
 
     # ---- construction ----------------------------------------------------------------------------
@@ -182,7 +183,11 @@ class DeepSpeedEngine(torch.nn.Module):
     # ---- training --------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         t0 = time.time()
-        if torch.is_grad_enabled() and self.module.training:
+        # Saved-tensor hooks cost a Python call per saved tensor (a few % of a small model's step),
+        # so activations are measured on the first step, whenever a dashboard watches, or always
+        # when `engine.track_activations = True`; the peak only changes with the input's shape.
+        watch = self.track_activations or self.global_steps == 0 or events.enabled()
+        if torch.is_grad_enabled() and self.module.training and watch:
             with self.activations.track():
                 out = self.module(*args, **kwargs)
         else:
@@ -272,14 +277,13 @@ class DeepSpeedEngine(torch.nn.Module):
         else:
             grads = [p.grad for p in model_params if p.grad is not None]
         inv_scale = 1.0 / self.loss_scale
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        self._global_grad_norm = norm.item() * inv_scale
-        coef = inv_scale
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads]))) * inv_scale
+        self._global_grad_norm = norm.item()
         clip = self.config.gradient_clipping
-        if clip > 0:
-            coef *= min(clip / (self._global_grad_norm + 1e-6), 1.0)
-        if coef != 1.0:
-            torch._foreach_mul_(grads, coef)
+        if clip > 0:  # as torch.nn.utils.clip_grad_norm_ computes it (a float32 tensor), times 1/scale
+            torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0) * inv_scale)
+        elif inv_scale != 1.0:
+            torch._foreach_mul_(grads, inv_scale)
         self.optimizer.step()
         if self.master_of:
             with torch.no_grad():
