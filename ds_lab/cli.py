@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the small GPT on the shipped corpus across N processes")
     train.add_argument("--world-size", type=int, default=2)
-    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--steps", type=int, default=200)
     train.add_argument("--config", help="DeepSpeed-style JSON config (default: a built-in AdamW config)")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     train.add_argument("--micro-batch", type=int)

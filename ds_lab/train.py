@@ -1,7 +1,7 @@
 """Train the small GPT on the shipped corpus: the worker every rank runs, and its defaults.
 
-    ds-lab train --world-size 2 --steps 100         # from the shell
-    ds_lab.launch(train_worker, 2, steps=100)        # from Python / a notebook
+    ds-lab train --world-size 2 --steps 200         # from the shell
+    ds_lab.launch(train_worker, 2, steps=200)        # from Python / a notebook
 
 Each rank builds the same model (same seed; the engine also broadcasts rank 0's weights), takes
 its own slice of every global batch from `DistributedLoader`, and trains with the engine. The
@@ -36,7 +36,7 @@ def _progress(step, steps, loss, tokens_per_s, width=30):
     print(f"\r[{bar}] step {step}/{steps}  loss {loss:.3f}  {tokens_per_s:,.0f} tok/s", end=end, flush=True)
 
 
-def train_worker(config=None, model=None, steps=100, seed=0, progress=True):
+def train_worker(config=None, model=None, steps=200, seed=0, progress=True):
     """Runs on every rank; returns this rank's measurements."""
     config = dict(config or DEFAULT_CONFIG)
     model_cfg = GPTConfig(**{**DEFAULT_MODEL, **(model or {})})
