@@ -157,13 +157,13 @@ def _where() -> str:
 class Dashboard:
     """Pass as `on_event=` (it is called as dash(rank, kind, payload)); call `finish()` at the end.
 
-    live: redraw while events arrive, at most `refresh_hz` times a second and at most a third of the
+    live: redraw while events arrive, at most `refresh_hz` times a second and at most half of the
     time (a redraw renders a PNG: about 0.1-0.5 s); None decides by where it runs (see the module
     docstring). `redraws` counts the figures drawn so far, `bad_events` the events dropped for
     breaking the protocol (the first of each kind is also a warning).
     """
 
-    def __init__(self, title: str = "", refresh_hz: float = 2.0, theory: dict | None = None, *,
+    def __init__(self, title: str = "", refresh_hz: float = 3.0, theory: dict | None = None, *,
                  live: bool | None = None, last_steps: int = 3, max_records: int = 5000, dpi: int = 80):
         if not refresh_hz > 0:
             raise ValueError(f"refresh_hz={refresh_hz}: give a positive rate, e.g. 2.0 redraws a second")
@@ -191,11 +191,11 @@ class Dashboard:
                 self.bad_events += 1
                 self._warn(err, key=f"bad {kind}")
                 return
-            # At most refresh_hz redraws a second, and idle twice as long as the last redraw took:
+            # At most refresh_hz redraws a second, and idle at least as long as the last redraw took:
             # the parent also relays the ranks' events, and a rank blocks when its pipe is full.
-            interval = max(1.0 / self.refresh_hz, 2.0 * self._draw_seconds)
+            interval = max(1.0 / self.refresh_hz, self._draw_seconds)
             if self.live and time.monotonic() - self._last_draw >= interval:
-                self._safely(self._draw, show=self._in_kernel)
+                self._safely(self._draw, show=self._in_kernel, live=self.redraws > 0)
 
     def finish(self) -> None:
         """Draw the final state once (and show it, in a notebook)."""
@@ -217,10 +217,14 @@ class Dashboard:
     def _merged_theory(self) -> dict:
         return {**self.store.theory, **(self.theory or {})}  # an explicit theory= wins
 
-    def _draw(self, show: bool) -> None:
+    def _draw(self, show: bool, live: bool = False) -> None:
         from ds_lab.monitor import plots  # here, not at import: collecting needs no matplotlib
 
         started = time.monotonic()
+        if self._fig is not None:
+            # a live redraw keeps the panel positions of the previous draw (the layout solver is a
+            # third of a redraw's cost); the final draw lays the figure out again
+            self._fig.set_layout_engine("none" if live else "constrained")
         self._fig = plots.figure(self.store, self._merged_theory(), title=self.title,
                                  last_steps=self.last_steps, fig=self._fig)
         self.redraws += 1
