@@ -73,3 +73,15 @@ def test_a_lone_process_becomes_a_world_of_one(tmp_path):
 def test_unsupported_deepspeed_feature_fails_clearly():
     with pytest.raises(ds_lab.ConfigError, match="does not support yet"):
         ds_lab.DeepSpeedConfig.from_any({"train_batch_size": 2, "activation_checkpointing": {}})
+
+
+def test_csv_monitor_steps_per_print_wall_clock_and_verbose_comms_logger(tmp_path, capfd):
+    config = {"train_batch_size": 4, "optimizer": {"type": "AdamW", "params": {}}, "steps_per_print": 1,
+              "wall_clock_breakdown": True, "comms_logger": {"enabled": True, "verbose": True},
+              "csv_monitor": {"enabled": True, "output_path": str(tmp_path), "job_name": "job"}}
+    assert ds_lab.launch(workers.monitors_worker, 2, config) == [2, 2]
+    lines = (tmp_path / "job" / "Train_Samples_train_loss.csv").read_text().splitlines()
+    assert lines[0] == "step,Train/Samples/train_loss" and [l.split(",")[0] for l in lines[1:]] == ["4", "8"]
+    out = capfd.readouterr().out
+    assert "[ds_lab] step=2, skipped=0" in out and "time (ms) per step | forward:" in out
+    assert "[ds_lab] comm op: all_reduce" in out

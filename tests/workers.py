@@ -286,3 +286,13 @@ def api_worker(config_path):
                grad_norm=engine.get_global_grad_norm(), applied=engine.was_step_applied(),
                micro_shape=tuple(x.shape))
     return out
+
+
+def monitors_worker(config):
+    torch.manual_seed(0)
+    engine, _, _, _ = ds_lab.initialize(model=GPT(GPTConfig(**TINY)), config=config)
+    x = torch.randint(0, 256, (engine.train_micro_batch_size_per_gpu(), 16))
+    for _ in range(2):
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    return engine.global_steps

@@ -80,6 +80,15 @@ class DeepSpeedEngine(torch.nn.Module):
         self.timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self.track_activations = False
         self.monitors = build_monitors(config, rank=comm.get_rank())
+        if config.comms_logger.enabled and config.comms_logger.verbose:
+            comm.add_listener(self._print_comm)
+
+    def _print_comm(self, rec) -> None:
+        """comms_logger.verbose: one line per collective as it completes (DeepSpeed's format)."""
+        ops = self.config.comms_logger.prof_ops
+        if self.config.comms_logger.prof_all or rec.op in ops:
+            print(f"[ds_lab] comm op: {rec.op} | time (ms): {rec.seconds * 1e3:.2f} | msg size: {rec.bytes} B | "
+                  f"algbw (Gbps): {rec.algbw * 8 / 1e9:.2f} | busbw (Gbps): {rec.busbw * 8 / 1e9:.2f}")
 
     # ---- construction ----------------------------------------------------------------------------
     def _broadcast_model(self) -> None:
