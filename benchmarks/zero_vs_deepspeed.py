@@ -15,14 +15,20 @@ Both engines live in the same launched process on every rank: `ds_lab.launch` cr
 group, and `deepspeed.init_distributed(dist_backend="gloo")` adopts that existing default group
 (DeepSpeed wraps an already initialised torch.distributed instead of starting its own). For each
 stage, one GPT is built from a seed and deep-copied, and each engine gets its copy with the *same*
-config dict, which ds_lab reads with DeepSpeed's meaning. Both engines wrap `LossOnly(GPT)`, whose
-forward returns the loss tensor: DeepSpeed's ZeRO-3 hooks look for tensors in a module's outputs
-and do not look inside GPT's `GPTOutput` dataclass.
+config dict, which ds_lab reads with DeepSpeed's meaning:
 
     optimizer "Adam" (adam_w_mode defaults to True: decoupled weight decay, i.e. AdamW) with
     lr, betas, eps, weight_decay; gradient_clipping; zero_optimization.stage, reduce_bucket_size,
-    allgather_bucket_size, overlap_comm, stage3_prefetch_bucket_size,
-    stage3_param_persistence_threshold (DeepSpeed's defaults unless changed by a flag)
+    overlap_comm, stage3_prefetch_bucket_size, stage3_param_persistence_threshold (DeepSpeed's
+    defaults unless changed by a flag)
+
+allgather_bucket_size is left out: ds_lab all-gathers per unit (its units follow
+reduce_bucket_size) and warns that it does not enforce the key; DeepSpeed keeps its default, 5e8
+elements, the same as reduce_bucket_size here. Both engines wrap `LossOnly(GPT)`, whose forward
+returns the loss tensor: DeepSpeed's ZeRO-3 hooks look for tensors in a module's outputs and do
+not look inside GPT's `GPTOutput` dataclass. (DeepSpeed still warns once about the `GPTOutput`
+of the inner GPT module; that module registers no parameters of its own, so none of its hooks
+has anything to fetch or release.)
 
 The only key that differs: DeepSpeed's optimizer params get `torch_adam: true` under
 `--ds-adam torch` (ds_lab's Adam is already torch `_foreach` kernels; it has no such key).
@@ -35,7 +41,6 @@ difference is |loss_ds_lab - loss_DeepSpeed| on the same rank and step, max over
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import logging
@@ -74,9 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per stage")
-    p.add_argument("--iters", type=int, default=16, help="timed iterations per stage (one step of each engine)")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per stage (one step of each engine)")
     p.add_argument("--bucket", type=int, default=500_000_000,
-                   help="zero_optimization.reduce_bucket_size and allgather_bucket_size (elements)")
+                   help="zero_optimization.reduce_bucket_size (elements); ds_lab's stage-1/2 units follow it")
     p.add_argument("--overlap-comm", action=argparse.BooleanOptionalAction, default=True,
                    help="zero_optimization.overlap_comm, both engines")
     p.add_argument("--prefetch", type=int, default=50_000_000, help="stage3_prefetch_bucket_size")
@@ -85,8 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--ds-adam", choices=("auto", "fused", "torch"), default="auto",
                    help="DeepSpeed's Adam: its CPU FusedAdam op (built on first use), torch.optim.AdamW "
                         "(torch_adam: true), or fused when it builds and torch otherwise")
-    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=True,
-                   help="leave on ds_lab's per-forward activation accounting (saved-tensor hooks)")
+    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=False,
+                   help="measure activations on every forward (engine.track_activations = True); by "
+                        "default the engine measures them on its first step only")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
@@ -103,8 +109,7 @@ def config(args, stage: int) -> dict:
                                                   "weight_decay": args.weight_decay}},
         "gradient_clipping": args.clip,
         "zero_optimization": {"stage": stage, "reduce_bucket_size": args.bucket,
-                              "allgather_bucket_size": args.bucket, "overlap_comm": args.overlap_comm,
-                              "stage3_prefetch_bucket_size": args.prefetch,
+                              "overlap_comm": args.overlap_comm, "stage3_prefetch_bucket_size": args.prefetch,
                               "stage3_param_persistence_threshold": args.persistence_threshold},
     }
 
@@ -162,8 +167,7 @@ def run_stage(args, stage: int, torch_adam: bool) -> dict:
     if torch_adam:
         ds_cfg["optimizer"]["params"]["torch_adam"] = True
     engine, _, _, _ = ds_lab.initialize(model=model, config=cfg)
-    if not args.activation_tracking:
-        engine.activations.track = contextlib.nullcontext
+    engine.track_activations = args.activation_tracking  # saved-tensor hooks in Python on every forward
     ds_engine, _, _, _ = deepspeed.initialize(model=twin, model_parameters=twin.parameters(), config=ds_cfg)
     loader = DistributedLoader(corpus_tokens(), args.block_size, args.micro_batch,
                                dp_rank=engine.dp_rank, dp_size=engine.dp_world_size, seed=args.seed)
@@ -226,10 +230,10 @@ def report(args, results, version: str, adam_note: str) -> str:
              f"(gloo, {r0['threads']} torch thread(s) per rank), fp32; torch {torch.__version__}, "
              f"DeepSpeed {version}",
              f"config (both): optimizer Adam (AdamW semantics), gradient_clipping={args.clip}, "
-             f"reduce/allgather_bucket_size={args.bucket:,}, overlap_comm={args.overlap_comm}, "
+             f"reduce_bucket_size={args.bucket:,}, overlap_comm={args.overlap_comm}, "
              f"stage3_prefetch_bucket_size={args.prefetch:,}, "
              f"stage3_param_persistence_threshold={args.persistence_threshold:,}; "
-             f"ds_lab activation tracking={args.activation_tracking}",
+             f"ds_lab activation tracking on every step={args.activation_tracking}",
              f"DeepSpeed's Adam: {first['ds_optimizer']} ({adam_note}); ds_lab's: ds_lab.optim.Adam (torch _foreach)",
              f"per stage: {args.iters} timed iterations after {args.warmup} warm-up, order alternating", "",
              "rank 0 median ms per step (forward / backward / step), ratio ds_lab/DeepSpeed = median of "

@@ -26,8 +26,9 @@ as bf16, gradients reduce-scattered in bf16 and kept as fp32 shards).
 Memory (per rank, model states, counted from tensors that exist at the end of a step, before the
 gradients are zeroed): ds_lab's `engine.memory_report()`; for FSDP2 the bytes of the storages
 behind the parameters' local shards (`p.to_local()`, padding included), their gradients' local
-shards, and the optimizer's state tensors. Both sides' whole (unsharded) parameters exist only
-while a module runs; activations are not in this table.
+shards, and the optimizer's state tensors. Whole (unsharded) parameters exist on both sides
+only around the modules that run (ds_lab's units under the persistence threshold excepted: they
+stay whole and are counted); activations are not in this table.
 
 Timing is interleaved as in `dp_vs_ddp.py`: every iteration times one step of each side, the order
 alternates, an untimed barrier precedes each step, warm-up iterations are not timed. Reported:
@@ -36,7 +37,6 @@ rank 0's medians, and per rank the ratio ds_lab / FSDP2 as the median of the per
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import statistics
@@ -82,8 +82,9 @@ def parse_args(argv=None):
                         "DeepSpeed's default; 0 shards every parameter, as FSDP2 does)")
     p.add_argument("--fsdp-foreach", action=argparse.BooleanOptionalAction, default=True,
                    help="torch AdamW foreach=True, the multi-tensor kernels ds_lab's Adam uses")
-    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=True,
-                   help="leave on the engine's per-forward activation accounting (ActivationTracker)")
+    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=False,
+                   help="measure activations on every forward (engine.track_activations = True); by "
+                        "default the engine measures them on its first step only")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping (max global norm), both sides")
@@ -152,8 +153,7 @@ def worker(args) -> dict:
     num_parameters = model.num_parameters()
 
     engine, _, _, _ = ds_lab.initialize(model=model, config=ds_config(args))
-    if not args.activation_tracking:
-        engine.activations.track = contextlib.nullcontext
+    engine.track_activations = args.activation_tracking  # saved-tensor hooks in Python on every forward
     fsdp = build_fsdp(twin, args)
     opt_cfg = engine.config.optimizer.params
     fsdp_opt = torch.optim.AdamW(fsdp.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
@@ -221,7 +221,8 @@ def report(args, results) -> str:
              f"(gloo, {r0['threads']} torch thread(s) per rank, torch {torch.__version__}), {args.precision}",
              f"ds_lab ZeRO-3: {r0['units']} units ({r0['persistent_units']} kept whole: "
              f"stage3_param_persistence_threshold={args.persistence_threshold:,}), "
-             f"stage3_prefetch_bucket_size={args.prefetch:,}, activation tracking={args.activation_tracking}; "
+             f"stage3_prefetch_bucket_size={args.prefetch:,}, "
+             f"activation tracking on every step={args.activation_tracking}; "
              f"FSDP2: fully_shard on {args.n_layer} blocks + root, AdamW foreach={args.fsdp_foreach}",
              f"{args.iters} timed iterations after {args.warmup} warm-up, order alternating", "",
              "rank 0, median ms per step:",
@@ -245,7 +246,8 @@ def report(args, results) -> str:
         total = sum(m[k] for k in MEMORY_ROWS)
         lines.append(f"| {name} | " + " | ".join(f"{m[k] / MIB:.2f}" for k in MEMORY_ROWS)
                      + f" | {total / MIB:.2f} | {16 * psi / args.world_size / MIB:.2f} |")
-    lines.append(f"(ds_lab activations_peak: {r0['memory']['ds_lab']['activations_peak'] / MIB:.1f} MiB)")
+    lines.append(f"(ds_lab activations_peak, measured on its first step: "
+                 f"{r0['memory']['ds_lab']['activations_peak'] / MIB:.1f} MiB)")
     steps = args.warmup + args.iters
     diffs = [abs(a - b) for r in results for a, b in zip(r["losses"]["ds_lab"], r["losses"]["FSDP2"])]
     per_step = [max(abs(r["losses"]["ds_lab"][i] - r["losses"]["FSDP2"][i]) for r in results)

@@ -128,6 +128,10 @@ class ZeroOptimizerBase:
         """This rank's averaged gradient chunk of `unit` (model dtype). Subclasses store it."""
         raise NotImplementedError
 
+    def grad_shard(self, group: int) -> torch.Tensor:
+        """This rank's gradient chunks of one param group, laid out as its master shard."""
+        return torch.cat([self.grad_chunk(u) for u in self.units if u.group == group])
+
     # ---- the sharded step ------------------------------------------------------------------------
     def _all_ranks_any(self, flag: bool) -> bool:
         t = torch.tensor([float(flag)], device=self.device)
@@ -142,7 +146,7 @@ class ZeroOptimizerBase:
         if check_overflow and self._all_ranks_any(has_overflow(chunks)):
             return True
         for g, master in enumerate(self.masters):  # fp32 gradient of the shard, only for the step
-            master.grad = torch.cat([self.grad_chunk(u).float() for u in self.units if u.group == g])
+            master.grad = self.grad_shard(g).float()
         sq = torch.stack([m.grad.pow(2).sum() for m in self.masters]).sum().reshape(1)
         if self.world_size > 1:
             with comm.tag("grad_norm"):

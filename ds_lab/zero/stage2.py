@@ -79,6 +79,9 @@ class ZeroStage2(ZeroOptimizerBase):
             self.grad_chunk(unit).add_(out)  # accumulate over micro-steps, in the shard only
         self.pending, self.in_flight = [], []
 
+    def grad_shard(self, group: int) -> torch.Tensor:
+        return self.grad_shards[group]  # already laid out as the master shard: no concatenation
+
     def grad_chunk(self, unit) -> torch.Tensor:
         return self.grad_shards[unit.group][unit.shard_offset:unit.shard_offset + unit.chunk]
 

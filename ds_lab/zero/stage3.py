@@ -107,7 +107,8 @@ class ZeroStage3(ZeroStage2):
         self.unit_of = {p: unit for unit in self.units for p in unit.params}
         for unit in self.units:
             unit.persistent = unit.numel < self.persistence_threshold
-            unit.shard = self.master_chunk(unit).to(self.model_dtype, copy=True)
+            # in fp32 the parameter chunk *is* the master chunk (no copy to keep or refresh)
+            unit.shard = self.master_chunk(unit).to(self.model_dtype)
             unit.flat, unit.handle = None, None
             for p, shape in zip(unit.params, unit.shapes):
                 p.ds_zero, p.ds_shape = self, shape  # the real shape, once .data is only a chunk
@@ -152,6 +153,9 @@ class ZeroStage3(ZeroStage2):
     def _release(self, unit) -> None:
         if unit.persistent:
             return
+        if unit.handle is not None:  # prefetched but never used: finish the gather, then drop it
+            unit.handle.wait()
+            unit.flat, unit.handle, unit.pending_flat = unit.pending_flat, None, None
         if unit.flat is not None:
             self._count(-unit.flat.numel() * unit.flat.element_size())
             self.live_storages.discard(storage_key(unit.flat))
@@ -175,15 +179,15 @@ class ZeroStage3(ZeroStage2):
             self.order.append(mod)
         for unit in self.needs[mod]:
             self.gather(unit)
-        self._prefetch()
+        if self.recorded:
+            self._prefetch(self.order[self.position + 1:])
         self.position += 1
 
-    def _prefetch(self) -> None:
-        """Start the all-gathers of the units the next modules will need, within the budget."""
-        if not self.recorded or self.prefetch_elements <= 0:
-            return
+    def _prefetch(self, upcoming) -> None:
+        """Start the all-gathers of the units the next modules will need (in forward order during
+        forward, in reverse during backward), within `stage3_prefetch_bucket_size` elements."""
         budget = self.prefetch_elements  # whole elements ahead of the current module, in flight or not
-        for mod in self.order[self.position + 1:]:
+        for mod in upcoming:
             for unit in self.needs[mod]:
                 if unit.padded > budget:
                     return
@@ -195,14 +199,16 @@ class ZeroStage3(ZeroStage2):
         for unit in self.needs[mod]:
             self._release(unit)
         if torch.is_grad_enabled():
+            position = self.position - 1  # where this call stands in forward order
             for t in _tensors(output):
                 if t.requires_grad:
-                    t.register_hook(lambda grad, mod=mod: self._pre_backward(mod))
+                    t.register_hook(lambda grad, mod=mod, position=position: self._pre_backward(mod, position))
         return None
 
-    def _pre_backward(self, mod) -> None:
+    def _pre_backward(self, mod, position: int) -> None:
         for unit in self.needs[mod]:
             self.gather(unit)
+        self._prefetch(self.order[position - 1::-1] if position > 0 else [])
 
     def reduce_unit(self, unit) -> None:
         self._release(unit)  # the module's backward is done: its whole parameters can go
@@ -211,11 +217,15 @@ class ZeroStage3(ZeroStage2):
     def publish_params(self) -> None:
         """Stage 3 keeps only chunks: the new master chunk becomes the parameter chunk, no traffic
         (persistent units, kept whole, are all-gathered)."""
+        handles = []
         for unit in self.units:
-            unit.shard.copy_(self.master_chunk(unit))
-            if unit.persistent:
+            if unit.shard.data_ptr() != self.master_chunk(unit).data_ptr():
+                unit.shard.copy_(self.master_chunk(unit))
+            if unit.persistent:  # all issued at once, then waited on together
                 with comm.tag("param_allgather"):
-                    comm.all_gather(unit.flat, unit.shard, group=self.dp_group)
+                    handles.append(comm.all_gather(unit.flat, unit.shard, group=self.dp_group, async_op=True))
+        for handle in handles:
+            handle.wait()
 
     def ledger_categories(self) -> dict:
         whole = [u.flat for u in self.units if u.flat is not None]
