@@ -13,7 +13,9 @@ At the boundary `step()` does, in order: (fp16) check for inf/nan and skip the s
 the loss scaler adjusting; copy gradients to the fp32 master weights (bf16/fp16); unscale and clip
 them to `gradient_clipping` by their global norm; run the optimizer; copy the master weights back;
 step the LR scheduler; zero the gradients. Gradients were already averaged over the data-parallel
-ranks during backward (`runtime/data_parallel.py`).
+ranks during backward: all-reduced in buckets at stage 0 (`runtime/data_parallel.py`), or
+reduce-scattered into each rank's shard under ZeRO (`zero/stage1.py`, `stage2.py`, `stage3.py`,
+which then also own the fp32 master shards and the sharded step: `zero/partition.py`).
 """
 from __future__ import annotations
 
