@@ -27,10 +27,10 @@ def config(stage, accumulation=1, **zero):
             "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, **zero}}
 
 
-def close(result, reference, weight_tol=2e-5):
+def close(result, reference, weight_tol=1e-5):
     assert max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"])) <= 1e-5
     diffs = torch.cat([(result["weights"][k] - reference["weights"][k]).abs().flatten() for k in reference["weights"]])
-    assert diffs.max().item() <= weight_tol  # see test_data_parallel.py for why Adam needs 2e-5
+    assert diffs.max().item() <= weight_tol  # see test_data_parallel.py on Adam and near-zero gradients
     assert (diffs > 1e-6).float().mean().item() < 1e-3
 
 
