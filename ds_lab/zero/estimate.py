@@ -25,9 +25,10 @@ more of these states, so a rank keeps 1/N of it:
 
 Ψ = 7.5B, N = 64, K = 12 gives 120 GB, 31.4 GB, 16.6 GB and 1.9 GB (GB = 1e9 bytes, as in the
 paper). In fp32 (precision="fp32") params and grads are 4 bytes and there is no master copy, so
-K = 8 (m and v): 16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N, 16Ψ/N. That is the ideal; ds_lab's ZeRO engine (like
-DeepSpeed's) runs its optimizer on a flat fp32 shard that is a copy of this rank's chunk even when
-the model is fp32, so a measured fp32 ZeRO ledger shows 4Ψ/N more (master_params). The measured
+K = 8 (m and v): 16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N, 16Ψ/N. That is the ideal; at stages 1 and 2 ds_lab's ZeRO
+engine (like DeepSpeed's) runs its optimizer on a flat fp32 shard that is a copy of this rank's
+chunk even when the model is fp32, so a measured fp32 ledger shows 4Ψ/N more (master_params);
+at stage 3 the fp32 parameter chunk is the master chunk and the measurement meets 16Ψ/N. The measured
 claims of the chapters and tests are made in mixed precision, where the paper's K = 12 is exact.
 
 Two ways to report the same bytes: `estimate_model_states` uses the paper's three categories (the
