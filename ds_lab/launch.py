@@ -168,8 +168,13 @@ def _run_in_place(fn, world_size, args, kwargs, backend, timeout):
     if world_size is not None and world_size != env_world:
         raise ValueError(f"launch(world_size={world_size}) inside a job of WORLD_SIZE={env_world} "
                          f"(torchrun or a launched rank); pass world_size={env_world} or None")
+    owned = not comm.is_initialized()
     comm.init_distributed(backend, timeout=timeout)
-    return [fn(*args, **kwargs)]
+    try:
+        return [fn(*args, **kwargs)]
+    finally:
+        if owned:  # as in a launched rank: the group lives as long as fn (a gloo group left to the
+            comm.destroy()  # interpreter's exit can abort the process)
 
 
 def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str] = None,

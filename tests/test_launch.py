@@ -78,20 +78,23 @@ def test_a_function_defined_in_a_notebook_cell_runs_on_ranks(tmp_path):
 
 def test_under_torchrun_launch_runs_in_place(tmp_path):
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent("""
-        import ds_lab, torch
+    script.write_text(textwrap.dedent(f"""
+        import os, ds_lab, torch
         from ds_lab import comm
         def f():
             t = torch.ones(1)
             comm.all_reduce(t)
             return (comm.get_rank(), t.item())
-        print("OUT", ds_lab.launch(f, 2))
+        result = ds_lab.launch(f, 2)
+        with open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"]), "w") as out:
+            out.write(repr(result))  # one file per rank: their stdout lines may interleave
     """))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", str(script)],
                           capture_output=True, text=True, timeout=120, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr
-    assert "OUT [(0, 2.0)]" in proc.stdout and "OUT [(1, 2.0)]" in proc.stdout
+    assert (tmp_path / "rank0").read_text() == "[(0, 2.0)]"
+    assert (tmp_path / "rank1").read_text() == "[(1, 2.0)]"
 
 
 def test_world_size_must_be_positive():
