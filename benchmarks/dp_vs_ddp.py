@@ -48,7 +48,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -57,9 +56,9 @@ import ds_lab  # noqa: E402
 from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
+from interleave import PHASES, median_ms, run_interleaved  # noqa: E402  (this folder is on sys.path)
 
 MIB = 2**20
-PHASES = ("forward", "backward", "step")
 LOSS_RTOL = 1e-5
 
 
@@ -140,23 +139,8 @@ def worker(args) -> dict:
         return out.loss
 
     sides = {"ds_lab": ds_step, "DDP": ddp_step}
-    times = {name: {ph: [] for ph in ("total",) + PHASES} for name in sides}
-    losses = {name: [] for name in sides}
-    for i in range(args.warmup + args.iters):
-        if i == args.warmup:
-            comm.reset_log()  # count only the timed steps' collectives
-        batch = loader.batch(i)
-        order = ("ds_lab", "DDP") if i % 2 == 0 else ("DDP", "ds_lab")
-        for name in order:
-            dist.barrier()  # straight to torch: the barrier is ours, not ds_lab's traffic
-            t = [time.perf_counter()]
-            loss = sides[name](batch, t)
-            t.append(time.perf_counter())
-            losses[name].append(loss.item())
-            if i >= args.warmup:
-                times[name]["total"].append(t[3] - t[0])
-                for ph, a, b in zip(PHASES, t, t[1:]):
-                    times[name][ph].append(b - a)
+    # count only the timed steps' collectives
+    times, losses = run_interleaved(sides, loader.batch, args.warmup, args.iters, on_warm=comm.reset_log)
     comm_records = [r for r in comm.get_log() if r.tag == "grad_allreduce"]
     with torch.no_grad():
         ours = torch.cat([p.flatten() for p in engine.module.parameters()])
@@ -174,10 +158,6 @@ def loss_rel_diff(results) -> float:
     """Largest |loss_ds_lab - loss_DDP| / |loss_DDP| over every step and rank."""
     return max(abs(a - b) / abs(b) for r in results
                for a, b in zip(r["losses"]["ds_lab"], r["losses"]["DDP"]))
-
-
-def median_ms(xs) -> float:
-    return 1e3 * statistics.median(xs)
 
 
 def report(args, results) -> str:

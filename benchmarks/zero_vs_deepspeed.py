@@ -52,7 +52,6 @@ import time
 import warnings
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -60,10 +59,10 @@ import ds_lab  # noqa: E402
 from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
+from interleave import PHASES, median_ms, run_interleaved  # noqa: E402  (this folder is on sys.path)
 from zero_vs_fsdp import LossOnly  # noqa: E402  (this folder is on sys.path when run as a script)
 
 MIB = 2**20
-PHASES = ("forward", "backward", "step")
 SIDES = ("ds_lab", "DeepSpeed")
 
 
@@ -183,20 +182,7 @@ def run_stage(args, stage: int, torch_adam: bool) -> dict:
         return step
 
     sides = {"ds_lab": step_of(engine), "DeepSpeed": step_of(ds_engine)}
-    times = {name: {ph: [] for ph in ("total",) + PHASES} for name in sides}
-    losses = {name: [] for name in sides}
-    for i in range(args.warmup + args.iters):
-        batch = loader.batch(i)
-        for name in (SIDES if i % 2 == 0 else SIDES[::-1]):
-            dist.barrier()
-            t = [time.perf_counter()]
-            loss = sides[name](batch, t)
-            t.append(time.perf_counter())
-            losses[name].append(loss.item())
-            if i >= args.warmup:
-                times[name]["total"].append(t[3] - t[0])
-                for ph, a, b in zip(PHASES, t, t[1:]):
-                    times[name][ph].append(b - a)
+    times, losses = run_interleaved(sides, loader.batch, args.warmup, args.iters)
     optimizer = type(getattr(ds_engine, "basic_optimizer", None)).__name__
     memory = engine.memory_report()
     del engine, ds_engine, model, twin
@@ -215,10 +201,6 @@ def worker(args, torch_adam: bool) -> dict:
 
 
 # ---- the report -----------------------------------------------------------------------------------
-
-def median_ms(xs) -> float:
-    return 1e3 * statistics.median(xs)
-
 
 def report(args, results, version: str, adam_note: str) -> str:
     r0 = results[0]

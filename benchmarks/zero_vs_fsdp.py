@@ -44,7 +44,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -54,10 +53,10 @@ import ds_lab  # noqa: E402
 from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
+from interleave import PHASES, median_ms, run_interleaved  # noqa: E402  (this folder is on sys.path)
 from ds_lab.monitor.memory import storage_bytes  # noqa: E402
 
 MIB = 2**20
-PHASES = ("forward", "backward", "step")
 MEMORY_ROWS = ("params", "grads", "master_params", "optimizer_states", "buffers")
 
 
@@ -184,31 +183,13 @@ def worker(args) -> dict:
         return loss
 
     sides = {"ds_lab": ds_step, "FSDP2": fsdp_step}
-    times = {name: {ph: [] for ph in ("total",) + PHASES} for name in sides}
-    losses = {name: [] for name in sides}
-    for i in range(args.warmup + args.iters):
-        batch = loader.batch(i)
-        order = ("ds_lab", "FSDP2") if i % 2 == 0 else ("FSDP2", "ds_lab")
-        for name in order:
-            dist.barrier()  # straight to torch: not part of either side's traffic
-            t = [time.perf_counter()]
-            loss = sides[name](batch, t)
-            t.append(time.perf_counter())
-            losses[name].append(loss.item())
-            if i >= args.warmup:
-                times[name]["total"].append(t[3] - t[0])
-                for ph, a, b in zip(PHASES, t, t[1:]):
-                    times[name][ph].append(b - a)
+    times, losses = run_interleaved(sides, loader.batch, args.warmup, args.iters)
     report = engine.memory_report()  # gradient shards are zeroed in place, never freed
     memory["ds_lab"] = {k: report[k] for k in MEMORY_ROWS}
     memory["ds_lab"]["activations_peak"] = report["activations_peak"]
     return dict(rank=rank, threads=torch.get_num_threads(), times=times, losses=losses,
                 memory=memory, num_parameters=num_parameters, units=len(engine.zero.units),
                 persistent_units=sum(u.persistent for u in engine.zero.units))
-
-
-def median_ms(xs) -> float:
-    return 1e3 * statistics.median(xs)
 
 
 def report(args, results) -> str:
