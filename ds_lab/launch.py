@@ -19,6 +19,9 @@ How it works
   A collective that waits longer than `timeout` seconds raises in its rank, naming the rank and
   the op (see `ds_lab.comm.CollectiveTimeoutError`). Nothing is left running: every exit path
   terminates, joins and closes.
+- When the parent watches (`on_event`/`dashboard`), the ranks run at nice +5: on a laptop whose
+  cores the ranks share with the notebook, the live dashboard gets the CPU first and keeps
+  redrawing (set DS_LAB_NICE_RANKS=0 to keep equal priority).
 - Under torchrun (RANK and WORLD_SIZE set), this process already is one rank: `fn` runs in
   place and the list holds this rank's result only.
 """
@@ -112,6 +115,8 @@ def _child(rank, world_size, port, backend, timeout, conn, payload, threads, for
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
+    if want_events and os.environ.get("DS_LAB_NICE_RANKS", "1") == "1":
+        os.nice(5)  # a live dashboard in the parent gets the CPU first when ranks share its cores
     comm.reset_log()  # a forked child inherits the parent's log
     try:
         fn, args, kwargs = payload if forked else _loads_fn(payload)

@@ -157,7 +157,7 @@ def _where() -> str:
 class Dashboard:
     """Pass as `on_event=` (it is called as dash(rank, kind, payload)); call `finish()` at the end.
 
-    live: redraw while events arrive, at most `refresh_hz` times a second and at most half of the
+    live: redraw while events arrive, at most `refresh_hz` times a second and at most 87% of the
     time (a redraw renders a PNG: about 0.1-0.5 s); None decides by where it runs (see the module
     docstring). `redraws` counts the figures drawn so far, `bad_events` the events dropped for
     breaking the protocol (the first of each kind is also a warning).
@@ -191,9 +191,10 @@ class Dashboard:
                 self.bad_events += 1
                 self._warn(err, key=f"bad {kind}")
                 return
-            # At most refresh_hz redraws a second, and idle at least as long as the last redraw took:
+            # At most refresh_hz redraws a second (counted start to start), and never drawing more than
+            # 87% of the time:
             # the parent also relays the ranks' events, and a rank blocks when its pipe is full.
-            interval = max(1.0 / self.refresh_hz, self._draw_seconds)
+            interval = max(1.0 / self.refresh_hz, 1.15 * self._draw_seconds)
             if self.live and time.monotonic() - self._last_draw >= interval:
                 self._safely(self._draw, show=self._in_kernel, live=self.redraws > 0)
 
@@ -231,8 +232,8 @@ class Dashboard:
         self._drawn_events = self.store.events
         if show:
             self._show()
-        self._last_draw = time.monotonic()
-        self._draw_seconds = self._last_draw - started
+        self._last_draw = started
+        self._draw_seconds = time.monotonic() - started
 
     def _show(self) -> None:
         # A PNG in one display handle, updated in place: works in Jupyter, VS Code and under
