@@ -56,23 +56,14 @@ import ds_lab  # noqa: E402
 from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
-from interleave import PHASES, median_ms, run_interleaved  # noqa: E402  (this folder is on sys.path)
+from interleave import PHASES, common_args, median_ms, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
 
 MIB = 2**20
 LOSS_RTOL = 1e-5
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations")
-    p.add_argument("--iters", type=int, default=100, help="timed iterations (one step of each side)")
+    p = common_args(__doc__.splitlines()[0], n_embd=128, warmup=5, iters=100)
     p.add_argument("--bucket-mb", type=float, default=25.0,
                    help="DDP bucket_cap_mb; ds_lab reduce_bucket_size = this many MiB of fp32 elements")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
@@ -80,23 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--ddp-foreach", action=argparse.BooleanOptionalAction, default=True,
                    help="torch AdamW foreach=True, the multi-tensor kernels ds_lab's AdamW uses "
                         "(on CPU torch's default is the per-parameter loop)")
-    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=False,
-                   help="measure activations on every forward (engine.track_activations = True); by "
-                        "default the engine measures them on the first step only")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping (max global norm), both sides")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def ds_config(args) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                   "weight_decay": args.weight_decay}},
-        "gradient_clipping": args.clip,
+        **training_config(args),
         "zero_optimization": {"stage": 0, "reduce_bucket_size": int(args.bucket_mb * MIB) // 4,
                               "overlap_comm": args.overlap},
     }

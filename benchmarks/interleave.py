@@ -8,6 +8,7 @@ end, so each step is cut into the phases forward, backward and step.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -40,3 +41,36 @@ def run_interleaved(sides: dict, batch_of, warmup: int, iters: int, on_warm=None
 
 def median_ms(xs) -> float:
     return 1e3 * statistics.median(xs)
+
+
+def common_args(description: str, *, n_embd: int, warmup: int, iters: int) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: world size, the GPT's shape, the batch, the timing, and
+    the training hyper-parameters both sides share. Each script adds its own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=n_embd)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed iterations")
+    p.add_argument("--iters", type=int, default=iters, help="timed iterations (one step of each side)")
+    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=False,
+                   help="measure activations on every forward (engine.track_activations = True); by "
+                        "default the engine measures them on its first step only")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping (max global norm), both sides")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def training_config(args, optimizer_type: str = "AdamW") -> dict:
+    """The part of the DeepSpeed config both sides share: batch, AdamW, clipping."""
+    return {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": optimizer_type, "params": {"lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                          "weight_decay": args.weight_decay}},
+        "gradient_clipping": args.clip,
+    }

@@ -59,7 +59,7 @@ import ds_lab  # noqa: E402
 from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
-from interleave import PHASES, median_ms, run_interleaved  # noqa: E402  (this folder is on sys.path)
+from interleave import PHASES, common_args, median_ms, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
 from zero_vs_fsdp import LossOnly  # noqa: E402  (this folder is on sys.path when run as a script)
 
 MIB = 2**20
@@ -67,18 +67,9 @@ SIDES = ("ds_lab", "DeepSpeed")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--world-size", type=int, default=2)
+    p = common_args(__doc__.splitlines()[0], n_embd=256, warmup=3, iters=20)
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=(1, 2, 3))
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations per stage")
-    p.add_argument("--iters", type=int, default=20, help="timed iterations per stage (one step of each engine)")
     p.add_argument("--bucket", type=int, default=500_000_000,
                    help="zero_optimization.reduce_bucket_size (elements); ds_lab's stage-1/2 units follow it")
     p.add_argument("--overlap-comm", action=argparse.BooleanOptionalAction, default=True,
@@ -89,24 +80,13 @@ def parse_args(argv=None):
     p.add_argument("--ds-adam", choices=("auto", "fused", "torch"), default="auto",
                    help="DeepSpeed's Adam: its CPU FusedAdam op (built on first use), torch.optim.AdamW "
                         "(torch_adam: true), or fused when it builds and torch otherwise")
-    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=False,
-                   help="measure activations on every forward (engine.track_activations = True); by "
-                        "default the engine measures them on its first step only")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def config(args, stage: int) -> dict:
-    """The one config both engines read."""
+    """The one config both engines read ("Adam": AdamW semantics in both)."""
     return {
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "Adam", "params": {"lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": args.weight_decay}},
-        "gradient_clipping": args.clip,
+        **training_config(args, optimizer_type="Adam"),
         "zero_optimization": {"stage": stage, "reduce_bucket_size": args.bucket,
                               "overlap_comm": args.overlap_comm, "stage3_prefetch_bucket_size": args.prefetch,
                               "stage3_param_persistence_threshold": args.persistence_threshold},

@@ -53,7 +53,7 @@ import ds_lab  # noqa: E402
 from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
-from interleave import PHASES, median_ms, run_interleaved  # noqa: E402  (this folder is on sys.path)
+from interleave import PHASES, common_args, median_ms, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
 from ds_lab.monitor.memory import storage_bytes  # noqa: E402
 
 MIB = 2**20
@@ -61,19 +61,10 @@ MEMORY_ROWS = ("params", "grads", "master_params", "optimizer_states", "buffers"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=128)
+    p = common_args(__doc__.splitlines()[0], n_embd=256, warmup=3, iters=30)
     p.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=False,
                    help="GPT's lm_head shares wte (untied by default: every module owns its weights)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations")
-    p.add_argument("--iters", type=int, default=30, help="timed iterations (one step of each side)")
     p.add_argument("--prefetch", type=int, default=50_000_000,
                    help="ds_lab zero_optimization.stage3_prefetch_bucket_size (elements)")
     p.add_argument("--persistence-threshold", type=int, default=100_000,
@@ -81,23 +72,12 @@ def parse_args(argv=None):
                         "DeepSpeed's default; 0 shards every parameter, as FSDP2 does)")
     p.add_argument("--fsdp-foreach", action=argparse.BooleanOptionalAction, default=True,
                    help="torch AdamW foreach=True, the multi-tensor kernels ds_lab's Adam uses")
-    p.add_argument("--activation-tracking", action=argparse.BooleanOptionalAction, default=False,
-                   help="measure activations on every forward (engine.track_activations = True); by "
-                        "default the engine measures them on its first step only")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping (max global norm), both sides")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def ds_config(args) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                   "weight_decay": args.weight_decay}},
-        "gradient_clipping": args.clip,
+        **training_config(args),
         "bf16": {"enabled": args.precision == "bf16"},
         "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": args.prefetch,
                               "stage3_param_persistence_threshold": args.persistence_threshold},

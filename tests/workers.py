@@ -13,6 +13,7 @@ from ds_lab.models import GPT, GPTConfig
 
 # A deliberately odd-sized model: Ψ is odd, so it divides by none of 2, 3, 4.
 TINY = dict(vocab_size=257, block_size=16, n_layer=2, n_head=5, n_embd=35)
+COMM_TAGS = ("grad_allreduce", "grad_reduce_scatter", "param_allgather")  # the traffic of a step
 
 
 def pid_file_worker(folder, fail_rank=None, hang_rank=None):
@@ -80,32 +81,43 @@ def global_mean(micro_losses) -> float:
     return mean.item() / comm.get_world_size()
 
 
+def train_step(engine, batch, before_step=None) -> float:
+    """One optimizer step on the global `batch`: this rank's slice of every micro-batch, then the
+    global batch's mean loss. `before_step(micro)` runs between backward and step (fault injection)."""
+    rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
+    micro_losses = []
+    for micro in range(accumulation):
+        x = rank_slice(batch, rank, n, micro, accumulation)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        if before_step is not None:
+            before_step(micro)
+        engine.step()
+        micro_losses.append(loss.detach().float())
+    return global_mean(micro_losses)
+
+
 def dp_train_worker(config, batches, model=None, seed=0, inject_inf_at=None):
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(**(model or TINY)))
     engine, _, _, _ = ds_lab.initialize(model=gpt, config=config)
-    rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
+    accumulation = engine.gradient_accumulation_steps()
+
+    def inject_inf(micro):
+        if micro == accumulation - 1 and comm.get_rank() == 0:
+            if engine.zero is not None:  # ZeRO: the gradient lives in this rank's shard
+                engine.zero.grad_chunk(engine.zero.units[0])[0] = float("inf")
+            else:
+                next(engine.module.parameters()).grad.view(-1)[0] = float("inf")
+
     losses, scales, applied, grad_bytes, wire_bytes = [], [], [], [], []
     for step, batch in enumerate(batches):
         comm.reset_log()
-        step_losses = []
-        for micro in range(accumulation):
-            x = rank_slice(batch, rank, n, micro, accumulation)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            if inject_inf_at == step and micro == accumulation - 1 and rank == 0:
-                if engine.zero is not None:  # ZeRO: the gradient lives in this rank's shard
-                    engine.zero.grad_chunk(engine.zero.units[0])[0] = float("inf")
-                else:
-                    next(engine.module.parameters()).grad.view(-1)[0] = float("inf")
-            engine.step()
-            step_losses.append(loss.detach().float())
-        losses.append(global_mean(step_losses))
+        losses.append(train_step(engine, batch, inject_inf if step == inject_inf_at else None))
         scales.append(engine.loss_scale)
         applied.append(engine.was_step_applied())
         grad_bytes.append(sum(r.bytes for r in comm.get_log() if r.tag == "grad_allreduce"))
-        wire_bytes.append(sum(r.wire_bytes for r in comm.get_log()
-                              if r.tag in ("grad_allreduce", "grad_reduce_scatter", "param_allgather")))
+        wire_bytes.append(sum(r.wire_bytes for r in comm.get_log() if r.tag in COMM_TAGS))
     return dict(losses=losses, weights=full_weights(engine), scales=scales, applied=applied,
                 grad_bytes=grad_bytes, wire_bytes=wire_bytes, memory=engine.memory_report(),
                 num_parameters=engine.num_parameters(), peak_live_params=getattr(engine.zero, "peak_live_bytes", None))
@@ -144,17 +156,7 @@ def checkpoint_worker(config, batches, ckpt_dir, resume=False, model=None):
     if resume:
         path, client = engine.load_checkpoint(ckpt_dir)
         assert path is not None
-    rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
-    losses = []
-    for batch in batches:
-        step_losses = []
-        for micro in range(accumulation):
-            x = rank_slice(batch, rank, n, micro, accumulation)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            step_losses.append(loss.detach().float())
-        losses.append(global_mean(step_losses))
+    losses = [train_step(engine, batch) for batch in batches]
     if not resume:
         engine.save_checkpoint(ckpt_dir, client_state={"data_position": len(batches)})
     return dict(losses=losses, client_state=client, global_steps=engine.global_steps,
@@ -191,9 +193,6 @@ def hf_article_example(save_dir, steps=3):
     return dict(losses=losses, steps=engine.global_steps)
 
 
-COMM_TAGS = ("grad_allreduce", "grad_reduce_scatter", "param_allgather")
-
-
 def zero_measure_worker(config, batches, model, seed=0, use_init=False):
     """Train a few steps; return the ledger, the wire bytes per step, and ZeRO-3's live peak."""
     torch.manual_seed(seed)
@@ -207,19 +206,11 @@ def zero_measure_worker(config, batches, model, seed=0, use_init=False):
     else:
         gpt, init_peak, init_params_bytes = GPT(GPTConfig(**model)), None, None
     engine, _, _, _ = ds_lab.initialize(model=gpt, config=config)
-    rank, n, accumulation = comm.get_rank(), comm.get_world_size(), engine.gradient_accumulation_steps()
     wire, losses = [], []
     for batch in batches:
         comm.reset_log()
-        step_losses = []
-        for micro in range(accumulation):
-            x = rank_slice(batch, rank, n, micro, accumulation)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            step_losses.append(loss.detach().float())
+        losses.append(train_step(engine, batch))
         wire.append(sum(r.wire_bytes for r in comm.get_log() if r.tag in COMM_TAGS))
-        losses.append(global_mean(step_losses))
     largest_unit = max((u.padded for u in engine.zero.units), default=0) if engine.zero else 0
     return dict(memory=engine.memory_report(), num_parameters=engine.num_parameters(), wire=wire,
                 losses=losses, peak_live=getattr(engine.zero, "peak_live_bytes", None),
@@ -245,11 +236,8 @@ def gathered_parameters_worker(config):
 def consolidate_worker(config, batches, ckpt_dir):
     torch.manual_seed(0)
     engine, _, _, _ = ds_lab.initialize(model=GPT(GPTConfig(**TINY)), config=config)
-    rank, n = comm.get_rank(), comm.get_world_size()
     for batch in batches:
-        x = rank_slice(batch, rank, n, 0, 1)
-        engine.backward(engine(input_ids=x, labels=x).loss)
-        engine.step()
+        train_step(engine, batch)
     engine.save_checkpoint(ckpt_dir)
     return full_weights(engine)
 
