@@ -41,17 +41,20 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     Works inside a `ds_lab.launch`ed rank, under torchrun, and in a lone process (which becomes a
     world of size 1).
     """
+    from ds_lab.comm.topology import MpuGroups, ProcessGroups, ProcessTopology
+    from ds_lab.modes import mode_builder
     from ds_lab.runtime.engine import DeepSpeedEngine
 
     if model is None:
         raise ValueError("initialize() needs model=")
     if dist_init_required is not False:
         init_distributed()
-    dp_world_size = mpu.get_data_parallel_world_size() if mpu is not None else comm.get_world_size()
-    ds_config = DeepSpeedConfig.from_any(_config_from(args, config, config_params), world_size=dp_world_size)
-    engine = DeepSpeedEngine(model, ds_config, optimizer=optimizer, model_parameters=model_parameters,
-                             lr_scheduler=lr_scheduler, training_data=training_data,
-                             collate_fn=collate_fn, mpu=mpu)
+    # the one grid every process group comes from: pipe x data x model (an mpu brings its own)
+    grid = MpuGroups(mpu) if mpu is not None else ProcessGroups(ProcessTopology(data=comm.get_world_size()))
+    ds_config = DeepSpeedConfig.from_any(_config_from(args, config, config_params), world_size=grid.size("data"))
+    engine = DeepSpeedEngine(model, ds_config, grid, mode_builder(ds_config), optimizer=optimizer,
+                             model_parameters=model_parameters, lr_scheduler=lr_scheduler,
+                             training_data=training_data, collate_fn=collate_fn, mpu=mpu)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 

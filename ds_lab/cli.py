@@ -6,8 +6,9 @@
     ds-lab estimate --params 7.5e9 --world-size 64 # ZeRO's per-rank model-state memory, no training
     ds-lab estimate --params 7.5e9 --world-size 8 --gpu-memory 80e9   # ... and what fits on an 80 GB GPU
 
-`train` starts real processes, trains the small GPT on the shipped corpus with a progress bar
-(loss, tokens/s), then prints each rank's memory ledger and the comm summary of rank 0.
+`train` starts real processes, trains the small GPT on the shipped corpus with a tqdm progress bar
+(loss, tokens/s; on stderr, one line every 10 s when it is not a terminal), then prints each rank's
+memory ledger and the comm summary of rank 0.
 `estimate` prints the ZeRO paper's arithmetic (ds_lab.zero.estimate) for the four stages.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _train(args) -> int:
                               theory=_theory(parsed, model, args.world_size))
     t0 = time.perf_counter()
     results = launch(train_worker, args.world_size, config=config, model=model, steps=args.steps, seed=args.seed,
-                     dashboard=dashboard)
+                     tty=sys.stderr.isatty(), dashboard=dashboard)
     wall = time.perf_counter() - t0
     r0 = results[0]
     print(f"\nparameters Ψ = {r0['num_parameters']:,}   final loss {r0['losses'][-1]:.3f}   "

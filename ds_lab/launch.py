@@ -27,7 +27,6 @@ How it works
 """
 from __future__ import annotations
 
-import datetime
 import importlib
 import multiprocessing as mp
 import multiprocessing.connection
@@ -41,7 +40,6 @@ import traceback
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from ds_lab import comm
 from ds_lab.monitor import events
@@ -120,13 +118,12 @@ def _child(rank, world_size, port, backend, timeout, conn, payload, threads, for
     comm.reset_log()  # a forked child inherits the parent's log
     try:
         fn, args, kwargs = payload if forked else _loads_fn(payload)
-        if dist.is_initialized():  # inherited across fork (e.g. the notebook ran initialize()):
-            dist.destroy_process_group()  # drop this process's copy; the parent keeps its own
+        if comm.is_initialized():  # inherited across fork (e.g. the notebook ran initialize()):
+            comm.destroy()  # drop this process's copy; the parent keeps its own
         if backend == "nccl":
             torch.cuda.set_device(rank)
         # rank 0 hosts the rendezvous store: the parent runs no store thread across the fork
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
-                              wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout))
+        store = comm.tcp_store("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timeout)
         comm.init_distributed(backend, timeout=timeout, rank=rank, world_size=world_size, store=store)
         if want_events:
             events.start(_channel)
@@ -267,7 +264,10 @@ def _collect(procs, conns, on_event, deadline) -> list:
             elif kind == "error":
                 errors[rank] = payload
             elif kind in ("stdout", "stderr"):
-                (sys.stdout if kind == "stdout" else sys.stderr).write(payload)
+                stream = sys.stdout if kind == "stdout" else sys.stderr
+                stream.write(payload)
+                if not payload.endswith("\n"):
+                    stream.flush()  # a progress bar's "\r" line: show it now
             elif kind == "events" and on_event is not None:
                 for event_kind, event in payload:
                     on_event(rank, event_kind, event)

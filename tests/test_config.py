@@ -382,3 +382,52 @@ def test_zero_values_ds_lab_cannot_honour_are_errors_and_unenforced_keys_warn():
         parse(zero_optimization={"stage": 3, "stage3_max_live_parameters": 1e9})
     with pytest.warns(UserWarning, match="overlap_comm: false is honoured at stage 0 only"):
         parse(zero_optimization={"stage": 2, "overlap_comm": False})
+
+
+# ---------------------------------------------------------------- nothing silently ignored
+
+def test_fp16_auto_cast_true_is_refused_until_the_engine_casts_inputs():
+    assert "fp16.auto_cast: true is not supported by ds_lab yet" in \
+        error_of({**BATCH, "fp16": {"enabled": True, "auto_cast": True}})
+    assert parse(fp16={"enabled": True, "auto_cast": False}).fp16.auto_cast is False
+
+
+def test_a_client_optimizer_overrides_the_configs_optimizer_as_in_deepspeed_and_says_so():
+    from ds_lab.config import check_client_optimizer
+
+    class SGD:
+        param_groups = []
+
+    cfg = parse(optimizer={"type": "AdamW", "params": {}})
+    with pytest.warns(UserWarning, match=r"initialize\(optimizer=<SGD>\) overrides the config's 'optimizer'"):
+        check_client_optimizer(cfg, SGD())
+    with pytest.warns(UserWarning, match="optimizer=<callable>"):
+        check_client_optimizer(cfg, lambda params: SGD())
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_client_optimizer(parse(), SGD())  # no 'optimizer' section: nothing overridden
+        check_client_optimizer(cfg, None)  # no client optimizer: the config's is used
+
+
+def test_a_client_scheduler_overrides_the_configs_scheduler_as_in_deepspeed_and_says_so():
+    from ds_lab.config import check_client_scheduler
+
+    class StepLR:
+        def step(self):
+            pass
+
+    cfg = parse(optimizer={"type": "AdamW"}, scheduler={"type": "WarmupLR"})
+    with pytest.warns(UserWarning, match=r"initialize\(lr_scheduler=<StepLR>\) overrides the config's 'scheduler'"):
+        check_client_scheduler(cfg, StepLR())
+
+
+def test_comms_logger_debug_is_applied_by_comm():
+    """comms_logger.debug names each collective's caller (comm.configure_logger, tests/test_comm.py)."""
+    import dataclasses
+    import inspect
+
+    from ds_lab import comm
+
+    section = parse(comms_logger={"enabled": True, "debug": True}).comms_logger
+    assert set(dataclasses.asdict(section)) == set(inspect.signature(comm.configure_logger).parameters)

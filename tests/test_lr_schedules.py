@@ -217,3 +217,18 @@ def test_build_scheduler_instantiates_the_named_schedule():
     assert isinstance(scheduler, WarmupDecayLR) and scheduler.total_num_steps == 50
     with pytest.raises(ValueError, match="unknown scheduler"):
         build_scheduler(SchedulerConfig(type="OneCycle", params={}), optimizer)
+
+
+def test_the_configs_schedule_catalogue_is_the_schedules_signatures():
+    """ds_lab.config checks scheduler params against SCHEDULES without importing the runtime; this
+    holds the declared names and arguments to the real signatures."""
+    import inspect
+
+    from ds_lab.config import SCHEDULES
+
+    assert set(SCHEDULES) == set(SCHEDULERS)
+    for name, schedule in SCHEDULERS.items():
+        arguments = list(inspect.signature(schedule).parameters.values())[1:]  # drop the optimizer
+        required = tuple(a.name for a in arguments if a.default is inspect.Parameter.empty)
+        optional = tuple(a.name for a in arguments if a.default is not inspect.Parameter.empty)
+        assert SCHEDULES[name] == (required, optional), name

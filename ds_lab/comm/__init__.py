@@ -1,20 +1,15 @@
 """The only door to torch.distributed: every collective goes through here and is recorded.
 
-Each call appends one `CommRecord` to this process's log: the operation, the size of the group
-it ran in, the message size in bytes, the seconds it took, and the two bandwidths that
-nccl-tests defines (https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md):
+    from ds_lab import comm
+    comm.init_distributed()                      # RANK/WORLD_SIZE from torchrun, or a world of one
+    comm.all_reduce(grads, group=dp_group)       # runs, and leaves a record (comm/trace.py)
+    comm.log_summary()                           # DeepSpeed's comms-logger table
 
-    algbw = message bytes / seconds
-    busbw = algbw x factor(op, n)     with n = the size of the group the op ran in
-        all_reduce                   2(n-1)/n   (a ring sends every byte twice, less 1/n)
-        all_gather, reduce_scatter,
-        all_to_all                   (n-1)/n
-        broadcast, send, recv           1
-
-"Message bytes" is the nccl-tests size: the tensor of all_reduce/broadcast, the *full* output of
-all_gather, the *full* input of reduce_scatter. `wire_bytes` = message bytes x factor is what one
-rank sends under the ring algorithm; it is what the ZeRO paper calls 2Ψ (all-reduce) and Ψ
-(reduce-scatter or all-gather) when the message is Ψ.
+Nothing else in ds_lab imports torch.distributed: process groups, stores, collectives and their
+timeouts all pass here, so the record of what crossed the wire is complete, and a collective can
+be swapped for a teaching version (a ring built from send/recv) in one place. What each record
+holds (bytes, seconds, algbw and busbw as nccl-tests defines them), and how the log stays bounded
+however long the run, is in `trace.py`.
 
 An async op (`async_op=True`) is recorded when it is issued (its bytes are known then); its time
 is filled in when it completes (a callback on the backend's future) or, for ops without a
@@ -26,13 +21,21 @@ from __future__ import annotations
 
 import datetime
 import os
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from ds_lab.comm.trace import (RECENT_RECORDS, CommRecord, add_listener, bus_factor, configure_logger,
+                               finish_record, format_summary, get_log, log_summary, record_count,
+                               remove_listener, reset_log, start_record, summarize, tag)
+
+__all__ = ["CommRecord", "CollectiveTimeoutError", "ReduceOp", "RECENT_RECORDS", "add_listener", "all_gather",
+           "all_reduce", "all_to_all", "barrier", "broadcast", "bus_factor", "configure_logger", "default_backend",
+           "destroy", "device", "format_summary", "get_backend", "get_global_rank", "get_log", "get_rank",
+           "get_world_size", "init_distributed", "irecv", "is_initialized", "isend", "log_summary", "new_group",
+           "record_count", "recv", "remove_listener", "reset_log", "send", "summarize", "tag", "tcp_store"]
 
 ReduceOp = dist.ReduceOp
 
@@ -43,92 +46,6 @@ class CollectiveTimeoutError(RuntimeError):
     """A collective did not complete in time: names the rank, the op and the group size."""
 
 
-@dataclass
-class CommRecord:
-    op: str
-    group_size: int
-    bytes: int
-    seconds: Optional[float] = None  # None until an async op is waited on
-    start: float = field(default_factory=time.time)  # wall clock (common across ranks)
-    tag: str = ""
-
-    @property
-    def factor(self) -> float:
-        return bus_factor(self.op, self.group_size)
-
-    @property
-    def wire_bytes(self) -> float:
-        return self.bytes * self.factor
-
-    @property
-    def algbw(self) -> float:
-        return self.bytes / self.seconds if self.seconds else 0.0
-
-    @property
-    def busbw(self) -> float:
-        return self.algbw * self.factor
-
-
-def bus_factor(op: str, n: int) -> float:
-    if n <= 1:
-        return 0.0
-    if op == "all_reduce":
-        return 2 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "all_to_all"):
-        return (n - 1) / n
-    return 1.0
-
-
-_log: list[CommRecord] = []
-_tag: str = ""
-_listeners: list = []  # callables(record) told about each record as it completes
-
-
-def get_log() -> list[CommRecord]:
-    return _log
-
-
-def reset_log() -> None:
-    _log.clear()
-
-
-def add_listener(fn) -> None:
-    _listeners.append(fn)
-
-
-def remove_listener(fn) -> None:
-    if fn in _listeners:
-        _listeners.remove(fn)
-
-
-class tag:
-    """Context manager that labels the records made inside it (e.g. "grad_allreduce")."""
-
-    def __init__(self, name: str):
-        self.name, self.prev = name, ""
-
-    def __enter__(self):
-        global _tag
-        self.prev, _tag = _tag, self.name
-        return self
-
-    def __exit__(self, *exc):
-        global _tag
-        _tag = self.prev
-
-
-_finish_lock = threading.Lock()
-
-
-def _finish(rec: CommRecord, t0: float) -> None:
-    with _finish_lock:  # an async op may finish in the backend's thread and in wait() at once
-        if rec.seconds is not None:
-            return
-        rec.seconds = time.perf_counter() - t0
-    for fn in list(_listeners):
-        fn(rec)
-
-
 class Handle:
     """Wraps an async work handle: waiting records the op's time; errors name the op."""
 
@@ -137,7 +54,7 @@ class Handle:
 
     def wait(self):
         _call(self.rec, lambda: self.work.wait())
-        _finish(self.rec, self.t0)
+        finish_record(self.rec, self.t0)
         return True
 
     def is_completed(self) -> bool:
@@ -157,17 +74,16 @@ def _call(rec: CommRecord, thunk):
 
 
 def _run(op: str, nbytes: int, group, async_op: bool, thunk):
-    rec = CommRecord(op, get_world_size(group), int(nbytes), tag=_tag)
-    _log.append(rec)
+    rec = start_record(op, get_world_size(group), nbytes)
     t0 = time.perf_counter()
     work = _call(rec, thunk)
     if async_op:
         try:  # time the op when it completes, in the backend's thread: no sync forced here
-            work.get_future().add_done_callback(lambda _: _finish(rec, t0))
+            work.get_future().add_done_callback(lambda _: finish_record(rec, t0))
         except (RuntimeError, AttributeError):
             pass  # no future for this op (e.g. gloo send/recv): timed when waited on
         return Handle(work, rec, t0)
-    _finish(rec, t0)
+    finish_record(rec, t0)
     return None
 
 
@@ -277,6 +193,12 @@ def init_distributed(dist_backend: Optional[str] = None, timeout: Optional[float
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", get_rank() % torch.cuda.device_count())))
 
 
+def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: float):
+    """A rendezvous store on host:port (the master rank hosts it), for `init_distributed(store=)`."""
+    return dist.TCPStore(host, port, world_size, is_master=is_master, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout))
+
+
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
@@ -287,60 +209,3 @@ def device() -> torch.device:
     if is_initialized() and get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-# ---- the summary table -----------------------------------------------------------------------
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def summarize(records=None) -> list[dict]:
-    """Aggregate records by (op, message size), as DeepSpeed's comms logger does."""
-    rows: dict = {}
-    for r in (records if records is not None else _log):
-        if r.seconds is None:
-            continue
-        row = rows.setdefault((r.op, r.bytes), dict(op=r.op, bytes=r.bytes, count=0, seconds=0.0,
-                                                     algbw=0.0, busbw=0.0))
-        row["count"] += 1
-        row["seconds"] += r.seconds
-        row["algbw"] += r.algbw
-        row["busbw"] += r.busbw
-    out = []
-    for row in rows.values():
-        row["avg_seconds"] = row["seconds"] / row["count"]
-        row["algbw"] /= row["count"]
-        row["busbw"] /= row["count"]
-        out.append(row)
-    return sorted(out, key=lambda r: (r["op"], r["bytes"]))
-
-
-def format_summary(rows=None) -> str:
-    """The table of DeepSpeed's comms logger, from `summarize()` rows (default: this log's)."""
-    header = f"{'Comm. Op':<16}{'Message Size':>14}{'Count':>8}{'Total Latency(ms)':>19}" \
-             f"{'Avg Latency(ms)':>17}{'tput_avg (Gbps)':>17}{'busbw_avg (Gbps)':>18}"
-    lines = [header]
-    for row in (summarize() if rows is None else rows):
-        lines.append(f"{row['op']:<16}{_human(row['bytes']):>14}{row['count']:>8}"
-                     f"{row['seconds'] * 1e3:>19.2f}{row['avg_seconds'] * 1e3:>17.3f}"
-                     f"{row['algbw'] * 8 / 1e9:>17.3f}{row['busbw'] * 8 / 1e9:>18.3f}")
-    return "\n".join(lines)
-
-
-def log_summary(records=None) -> None:
-    """Print op, message size, count, total/avg latency, algbw and busbw, like DeepSpeed's.
-    `records`: CommRecords (default: this process's log) or rows already `summarize()`d."""
-    if records and isinstance(records[0], dict):
-        print(format_summary(records))
-    else:
-        print(format_summary(summarize(records)))
-
-
-if __name__ == "__main__":
-    for n in range(2, 9):
-        print(n, {op: round(bus_factor(op, n), 3) for op in ("all_reduce", "all_gather", "broadcast")})

@@ -47,7 +47,13 @@ class ProcessTopology:
 
 
 class ProcessGroups:
-    """The process groups of one topology, for this rank. Every rank must build it (collectively)."""
+    """The process groups of one topology, for this rank. Every rank must build it (collectively).
+
+    The engine, ZeRO, and tensor/pipeline parallel take every group they use from here.
+    `world_group` is the group of the whole grid (None: torch.distributed's default group).
+    """
+
+    axes = AXES
 
     def __init__(self, topology: ProcessTopology):
         if comm.get_world_size() != topology.world_size:
@@ -57,6 +63,7 @@ class ProcessGroups:
         self.rank = comm.get_rank()
         self.coord = topology.get_coord(self.rank)
         self.groups, self.ranks = {}, {}
+        self.world_group, self.world_size = None, topology.world_size
         for axis in AXES:
             for ranks in topology.axis_groups(axis):  # all ranks create all groups, same order
                 group = None if len(ranks) == topology.world_size else comm.new_group(ranks)
@@ -71,6 +78,18 @@ class ProcessGroups:
 
     def rank_in(self, axis: str) -> int:
         return self.coord[axis]
+
+    @property
+    def mp_rank(self) -> int:
+        """This rank's place in its model slice (pipe x model): DeepSpeed's `mp_rank_XX` in file names."""
+        return self.rank_in("pipe") * self.size("model") + self.rank_in("model")
+
+    @property
+    def mp_world_size(self) -> int:
+        return self.size("pipe") * self.size("model")
+
+    def __repr__(self):
+        return f"ProcessGroups({self.topology}, rank {self.rank} at {self.coord})"
 
     # the names DeepSpeed's `mpu` object uses
     def get_data_parallel_group(self):
@@ -91,3 +110,45 @@ class ProcessGroups:
     def get_model_parallel_rank(self):
         return self.rank_in("model")
 
+    def get_pipe_parallel_group(self):
+        return self.groups["pipe"]
+
+    def get_pipe_parallel_world_size(self):
+        return self.size("pipe")
+
+    def get_pipe_parallel_rank(self):
+        return self.rank_in("pipe")
+
+
+class MpuGroups(ProcessGroups):
+    """The same interface over a Megatron-style `mpu` object: every group it defines is used
+    (`get_{data,model,pipe}_parallel_{group,rank,world_size}`); an axis it does not define has size 1.
+    The grid must cover the job: data x model x pipe == world size."""
+
+    def __init__(self, mpu):
+        self.mpu, self.groups, self.ranks, self.coord = mpu, {}, {}, {}
+        self.world_group, self.world_size, self.rank = None, comm.get_world_size(), comm.get_rank()
+        for axis in AXES:
+            getter = getattr(mpu, f"get_{axis}_parallel_group", None)
+            if getter is None:
+                self.groups[axis], self.coord[axis], sizes = _SINGLE, 0, 1
+            else:
+                self.groups[axis] = getter()
+                sizes = getattr(mpu, f"get_{axis}_parallel_world_size")()
+                self.coord[axis] = getattr(mpu, f"get_{axis}_parallel_rank")()
+            self.ranks[axis] = list(range(sizes))  # only the count is used
+        product = self.size("pipe") * self.size("data") * self.size("model")
+        if product != self.world_size:
+            raise ValueError(f"mpu: pipe {self.size('pipe')} x data {self.size('data')} x model "
+                             f"{self.size('model')} = {product}, but the job has {self.world_size} ranks; "
+                             f"an mpu must describe every rank")
+        self.topology = ProcessTopology(self.size("pipe"), self.size("data"), self.size("model"))
+
+    def group(self, axis: str):
+        group = self.groups[axis]
+        if group is _SINGLE:
+            raise ValueError(f"the mpu defines no {axis}-parallel group; its size is 1")
+        return group
+
+
+_SINGLE = object()  # an axis of size 1 that the mpu does not define

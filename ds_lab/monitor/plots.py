@@ -15,7 +15,7 @@ freed when dropped (pyplot would keep every figure alive until it is closed).
 {"memory": {category: bytes per rank}, "comm": {"per_step_bytes": float, "label": str}}. When it
 is None the store's own theory is used. Theory is drawn beside the measurement, never mixed in.
 
-Bytes use binary units (1 KB = 1024 B), as DeepSpeed's memory estimators do.
+Bytes use decimal units (1 KB = 1000 B), as the ZeRO paper and `ds_lab.units` count them.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from ds_lab import units
+
 MEMORY_CATEGORIES = ("params", "grads", "master_params", "optimizer_states", "buffers", "activations")
 MEMORY_COLORS = {"params": "#4C72B0", "grads": "#DD8452", "master_params": "#8172B3",
                  "optimizer_states": "#55A868", "buffers": "#937860", "activations": "#DA8BC3"}
@@ -35,7 +37,6 @@ SPAN_COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "step": "#55A868",
                "all_reduce": "#C44E52", "all_gather": "#8172B3", "reduce_scatter": "#CCB974",
                "broadcast": "#64B5CD", "reduce": "#E377C2", "send": "#7F7F7F", "recv": "#BCBD22"}
 _SPARE_COLORS = ("#17BECF", "#9467BD", "#8C564B", "#2CA02C", "#FF7F0E", "#1F77B4", "#D62728")
-_BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")
 
 
 def color_for(name: str, table: dict = SPAN_COLORS) -> str:
@@ -45,22 +46,13 @@ def color_for(name: str, table: dict = SPAN_COLORS) -> str:
 
 
 def byte_unit(nbytes: float) -> tuple[int, str]:
-    """The largest decimal unit not above `nbytes` (as the ZeRO paper and the estimator count):
-    3e6 -> (10**6, "MB")."""
-    power = 0
-    while power < len(_BYTE_UNITS) - 1 and abs(nbytes) >= 1000 ** (power + 1):
-        power += 1
-    return 1000 ** power, _BYTE_UNITS[power]
+    """The largest decimal unit not above `nbytes`, for scaling an axis: 3e6 -> (10**6, "MB")."""
+    return units.byte_unit(nbytes)
 
 
 def human_bytes(nbytes: float) -> str:
     """3 significant figures, never scientific notation: 512 B, 1.50 KB, 12.3 MB, 123 MB."""
-    divisor, unit = byte_unit(nbytes)
-    value = nbytes / divisor
-    if unit == "B":
-        return f"{value:.0f} B"
-    digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
-    return f"{value:.{digits}f} {unit}"
+    return units.format_bytes(nbytes, significant=3)
 
 
 def _theory(store, theory) -> dict:

@@ -1,12 +1,17 @@
-"""Checkpoints: DeepSpeed's layout, written atomically, loaded safely.
+"""Checkpoints: DeepSpeed's layout, keyed by the process grid, written atomically, loaded safely.
 
     save_dir/
       latest                              the newest complete tag (written last)
       global_step{N}/                     one folder per tag
-        mp_rank_00_model_states.pt        module, optimizer, master weights, scheduler, scaler,
-                                          counters, client_state (data parallel: rank 0 writes)
-        zero_pp_rank_{r}_mp_rank_00_optim_states.pt   ZeRO only: rank r's shard (zero/checkpoint.py)
+        mp_rank_{m:02d}_model_states.pt   model slice m (pipe x model rank): module, scheduler, scaler,
+                                          counters, client_state, and what the mode keeps whole
+                                          (stage 0: optimizer and fp32 masters); data rank 0 writes it
+        zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt   ZeRO: data rank d's shard of slice m
         manifest.json                     every file's size and sha256: its presence means "complete"
+
+Loading goes by parameter *name*: the weights are merged into whole fp32 tensors (from the shards,
+the fp32 masters, or the module), every name and shape is checked against the model, and the mode
+cuts what it keeps. So any ZeRO stage and any data-parallel size loads any other's checkpoint.
 
 Crash safety: each file is written to a temporary name, flushed to disk, then renamed into place
 (a rename is atomic). The manifest is written after every file of the tag is in place, and `latest`
@@ -19,19 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 
 import torch
 
 from ds_lab import comm
+from ds_lab.runtime.safe_load import CheckpointError, safe_load
 
-MODEL_FILE = "mp_rank_00_model_states.pt"
+MODEL_FILE = "mp_rank_00_model_states.pt"  # model slice 0; see model_file()
 MANIFEST = "manifest.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def atomic_write(path: str, write) -> None:
@@ -85,41 +89,30 @@ def verify(folder: str) -> dict:
     return entries
 
 
-def safe_load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {err}") from err
+def model_file(mp_rank: int) -> str:
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
 
 
-def engine_state(engine) -> dict:
-    """What rank 0 writes: the module (buffers only under ZeRO-3, whose parameters live in the
-    shards), counters, scheduler, scaler. Stage 0 also keeps the optimizer and fp32 masters here;
-    ZeRO keeps them in the per-rank shard files."""
+def shard_file(dp_rank: int, mp_rank: int) -> str:
+    return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def shard_files(folder: str, mp_rank: int = 0) -> list:
+    """The partitioned-state files of one model slice, in data-parallel rank order."""
+    pattern = re.compile(rf"zero_pp_rank_(\d+)_mp_rank_{mp_rank:02d}_optim_states\.pt")
+    found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := pattern.fullmatch(f))]
+    return [f for _, f in sorted(found)]
+
+
+def param_names(module) -> dict:
+    """Parameter -> its first name (tied weights are one parameter, saved once)."""
     names = {}
-    for name, p in engine.module.named_parameters():
+    for name, p in module.named_parameters():
         names.setdefault(p, name)
-    module_state = engine.module.state_dict()
-    aliases = {key: names[p] for key, p in _state_dict_params(engine.module).items()}
-    if engine.zero is not None and engine.zero.stage == 3:
-        module_state = {k: v for k, v in module_state.items() if k not in aliases}
-    stage0 = engine.zero is None
-    return dict(
-        module=module_state,
-        param_aliases=aliases,
-        optimizer=engine.optimizer.state_dict() if stage0 and engine.optimizer is not None else None,
-        master_params=[m.detach() for m in engine.master_params] if stage0 else [],
-        master_params_by_name={names[p]: m.detach() for p, m in engine.master_of.items()} if stage0 else {},
-        lr_scheduler=engine.lr_scheduler.state_dict() if hasattr(engine.lr_scheduler, "state_dict") else None,
-        loss_scaler=engine.loss_scaler.state_dict() if engine.loss_scaler else None,
-        global_steps=engine.global_steps, global_samples=engine.global_samples,
-        micro_steps=engine.micro_steps, skipped_steps=engine.skipped_steps,
-        dp_world_size=engine.dp_world_size, zero_stage=0 if stage0 else engine.zero.stage,
-        ds_config=engine.config.raw,
-    )
+    return names
 
 
-def _state_dict_params(module) -> dict:
+def state_dict_params(module) -> dict:
     """state_dict key -> Parameter, tied weights included under each of their names."""
     out = {}
     for prefix, mod in module.named_modules(remove_duplicate=False):
@@ -129,31 +122,53 @@ def _state_dict_params(module) -> dict:
     return out
 
 
-def save(engine, save_dir, tag=None, client_state=None, save_latest=True) -> bool:
-    """All ranks call this. Rank 0 writes the model states; under ZeRO every rank writes its shard.
-    Every rank returns once the whole tag, manifest included, is on disk."""
-    from ds_lab.zero.checkpoint import SHARD_FILE
+def engine_state(engine) -> dict:
+    """What data-parallel rank 0 of each model slice writes: the module's buffers and (unless the
+    mode partitions them) parameters, counters, scheduler, scaler, and what the mode keeps there."""
+    names = param_names(engine.module)
+    aliases = {key: names[p] for key, p in state_dict_params(engine.module).items()}
+    module_state = {k: v for k, v in engine.module.state_dict().items()
+                    if k not in aliases or not engine.mode.partitions_parameters}
+    return dict(
+        module=module_state,
+        param_aliases=aliases,
+        mode=engine.mode.model_state(names),
+        lr_scheduler=engine.lr_scheduler.state_dict() if hasattr(engine.lr_scheduler, "state_dict") else None,
+        loss_scaler=engine.loss_scaler.state_dict() if engine.loss_scaler else None,
+        global_steps=engine.global_steps, global_samples=engine.global_samples,
+        micro_steps=engine.micro_steps, skipped_steps=engine.skipped_steps,
+        dp_world_size=engine.dp_world_size, mp_world_size=engine.grid.mp_world_size,
+        zero_stage=engine.mode.stage, ds_config=engine.config.raw,
+    )
 
+
+def save(engine, save_dir, tag=None, client_state=None, save_latest=True) -> bool:
+    """All ranks call this. Data-parallel rank 0 of every model slice writes that slice's model
+    states; a mode that partitions state has every rank write its shard. Every rank returns once
+    the whole tag, manifest included, is on disk."""
     tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
     folder = os.path.join(save_dir, tag)
-    rank, world = comm.get_rank(), comm.get_world_size()
+    grid, rank, world = engine.grid, comm.get_rank(), comm.get_world_size()
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
         if os.path.exists(os.path.join(folder, MANIFEST)):
             os.unlink(os.path.join(folder, MANIFEST))  # re-saving a tag: incomplete until done
     if world > 1:
         comm.barrier()
-    files = [MODEL_FILE]
-    if engine.zero is not None:
-        files += [SHARD_FILE.format(r) for r in range(engine.dp_world_size)]
-        shard = engine.zero.shard_state()
-        atomic_write(os.path.join(folder, SHARD_FILE.format(engine.dp_rank)), lambda f: torch.save(shard, f))
-    if rank == 0:
+    shard = engine.mode.shard_state()
+    if shard is not None:
+        path = os.path.join(folder, shard_file(engine.dp_rank, grid.mp_rank))
+        atomic_write(path, lambda f: torch.save(shard, f))
+    if engine.dp_rank == 0:
         state = dict(engine_state(engine), client_state=client_state or {})
-        atomic_write(os.path.join(folder, MODEL_FILE), lambda f: torch.save(state, f))
+        atomic_write(os.path.join(folder, model_file(grid.mp_rank)), lambda f: torch.save(state, f))
     if world > 1:
         comm.barrier()
     if rank == 0:
+        slices = range(grid.mp_world_size)
+        files = [model_file(mp) for mp in slices]
+        if shard is not None:
+            files += [shard_file(dp, mp) for mp in slices for dp in range(engine.dp_world_size)]
         write_manifest(folder, files)
         if save_latest:
             atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
@@ -172,8 +187,74 @@ def resolve_tag(load_dir, tag):
         return f.read().strip()
 
 
-def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, load_lr_scheduler_states=True):
-    """Returns (load_path, client_state), or (None, None) when there is no checkpoint, as DeepSpeed."""
+def full_tensors_by_name(shards: list, key="masters", groups=None) -> dict:
+    """Merge every rank's chunks of a partitioned checkpoint into whole fp32 tensors, by name.
+
+    Each shard file says how its rank cut every unit (chunk, element count, names, shapes):
+    concatenating the chunks of all ranks and dropping the padding gives each tensor back,
+    whatever the number of ranks was. key: "masters" for the fp32 weights, or ("optimizer", slot)
+    for an optimizer state such as ("optimizer", "exp_avg"). groups: only these param groups.
+    """
+    shards = sorted(shards, key=lambda s: s["rank"])
+    if [s["rank"] for s in shards] != list(range(shards[0]["world_size"])):
+        raise CheckpointError(f"need the shards of all {shards[0]['world_size']} ranks, "
+                              f"got ranks {[s['rank'] for s in shards]}")
+
+    def group_tensor(shard, g):
+        return shard["masters"][g] if key == "masters" else shard["optimizer"]["state"][g][key[1]]
+
+    out, offsets = {}, {}
+    for unit in shards[0]["units"]:
+        g = unit["group"]
+        if groups is not None and g not in groups:
+            continue
+        start = offsets.get(g, 0)
+        offsets[g] = start + unit["chunk"]
+        full = torch.cat([group_tensor(s, g)[start:start + unit["chunk"]].float() for s in shards])
+        at = 0
+        for name, shape in zip(unit["names"], unit["shapes"]):
+            n = math.prod(shape)
+            out[name] = full[at:at + n].view(shape).clone()
+            at += n
+    return out
+
+
+def saved_weights(state: dict, shards: list) -> dict:
+    """Every parameter's whole fp32 value by name, from wherever the checkpoint keeps it."""
+    if shards:
+        return full_tensors_by_name(shards)
+    by_name = {name: state["module"][key].float() for key, name in state["param_aliases"].items()
+               if key in state["module"]}
+    by_name.update((state.get("mode") or {}).get("master_params_by_name") or {})  # exact fp32 masters
+    return by_name
+
+
+def check_shapes(module, weights: dict, folder: str, strict: bool) -> None:
+    """Every parameter of the model is in the checkpoint with its shape; say which one is not."""
+    from ds_lab.runtime.mode import param_shape
+    names = param_names(module)
+    for p, name in names.items():
+        if name not in weights:
+            if strict:
+                raise CheckpointError(f"{folder} has no parameter '{name}' (shape {list(param_shape(p))}); "
+                                      f"the model differs from the one saved (load_module_strict=False skips it)")
+            continue
+        if tuple(weights[name].shape) != tuple(param_shape(p)):
+            raise CheckpointError(f"parameter '{name}': the checkpoint in {folder} has shape "
+                                  f"{list(weights[name].shape)}, this model {list(param_shape(p))}")
+    extra = sorted(set(weights) - set(names.values()))
+    if extra and strict:
+        raise CheckpointError(f"{folder} has parameters this model lacks: {extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''} (load_module_strict=False ignores them)")
+
+
+def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, load_lr_scheduler_states=True,
+         load_module_only=False):
+    """Returns (load_path, client_state), or (None, None) when there is no checkpoint, as DeepSpeed.
+
+    Any mode loads any other mode's weights, at any data-parallel size (partitioned weights are
+    merged by name, then cut for this engine). Optimizer state follows when the saved mode keeps it
+    the same way (stage 0 with stage 0; ZeRO 1-3 with each other, resharded)."""
     tag = resolve_tag(load_dir, tag)
     if tag is None:
         if comm.get_rank() == 0:
@@ -181,30 +262,38 @@ def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, lo
         return None, None
     folder = os.path.join(load_dir, tag)
     entries = verify(folder)
-    state = safe_load(os.path.join(folder, MODEL_FILE))
-    saved_stage, stage = state["zero_stage"], 0 if engine.zero is None else engine.zero.stage
-    if (saved_stage == 0) != (stage == 0):
-        raise CheckpointError(f"{folder} was saved with ZeRO stage {saved_stage}; this engine runs stage "
-                              f"{stage}. Load it with a matching stage, or use ds_lab.zero.consolidate()")
-    strict = strict and saved_stage != 3  # ZeRO-3 saves no parameters in the module state
-    engine.module.load_state_dict(state["module"], strict=strict)
-    if engine.zero is not None:
-        from ds_lab.zero.checkpoint import shard_files
-        shards = [safe_load(os.path.join(folder, f)) for f in shard_files(folder) if f in entries]
-        engine.zero.load_shards(shards, load_optimizer_states=load_optimizer_states)
-    elif load_optimizer_states and engine.optimizer is not None and state["optimizer"] is not None:
-        engine.optimizer.load_state_dict(state["optimizer"])
-        with torch.no_grad():
-            for master, saved in zip(engine.master_params, state["master_params"]):
-                master.copy_(saved)
-    else:  # the fp32 masters must follow the weights just loaded
-        with torch.no_grad():
-            for p, master in engine.master_of.items():
-                master.copy_(p.float())
+    mp_rank = engine.grid.mp_rank
+    path = os.path.join(folder, model_file(mp_rank))
+    if model_file(mp_rank) not in entries:
+        raise CheckpointError(f"{folder} has no {model_file(mp_rank)}: it was saved with fewer model-parallel "
+                              f"ranks than this engine's {engine.grid.mp_world_size}")
+    state = safe_load(path)
+    saved_mp = state.get("mp_world_size", 1)
+    if saved_mp != engine.grid.mp_world_size:
+        raise CheckpointError(f"{folder} was saved with {saved_mp} model-parallel ranks (pipe x model); "
+                              f"this engine has {engine.grid.mp_world_size}: load it with the same")
+    shards = [safe_load(os.path.join(folder, f)) for f in shard_files(folder, mp_rank) if f in entries]
+    weights = saved_weights(state, shards)
+    check_shapes(engine.module, weights, folder, strict)
+    names = param_names(engine.module)
+    buffers = {k: v for k, v in state["module"].items() if k not in state["param_aliases"]}
+    missing = engine.module.load_state_dict(buffers, strict=False)
+    if strict and missing.unexpected_keys:
+        raise CheckpointError(f"{folder} has buffers this model lacks: {missing.unexpected_keys}")
+    same_kind = (state["zero_stage"] == 0) == (engine.mode.stage == 0)
+    optimizer_states = load_optimizer_states and not load_module_only
+    if optimizer_states and not same_kind:
+        raise CheckpointError(f"{folder} was saved at ZeRO stage {state['zero_stage']}; this engine runs stage "
+                              f"{engine.mode.stage}, whose optimizer state is laid out differently. Pass "
+                              f"load_optimizer_states=False to load the weights only")
+    engine.mode.load(weights, state.get("mode") or {}, shards if optimizer_states else [], names,
+                     load_optimizer_states=optimizer_states)
+    if load_module_only:  # DeepSpeed: the module only; counters, scheduler and scaler stay as they are
+        return path, state["client_state"]
     if engine.loss_scaler is not None and state["loss_scaler"] is not None:
         engine.loss_scaler.load_state_dict(state["loss_scaler"])
     if load_lr_scheduler_states and engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
         setattr(engine, key, state[key])
-    return os.path.join(folder, MODEL_FILE), state["client_state"]
+    return path, state["client_state"]

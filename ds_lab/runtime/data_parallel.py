@@ -28,46 +28,8 @@ from __future__ import annotations
 import torch
 
 from ds_lab import comm
-
-
-class ReadyInOrder:
-    """Calls `on_ready(i)` for unit i as soon as every parameter of units 0..i has its gradient.
-
-    A post-accumulate-grad hook on each parameter counts its unit's ready gradients. Units are
-    released strictly in order, so every rank issues its collectives in the same order (the
-    order is a property of the model, not of timing). Used by data parallel and by ZeRO 1-3.
-    """
-
-    def __init__(self, units: list, on_ready, on_grad=None):
-        self.units, self.on_ready, self.on_grad = units, on_ready, on_grad
-        self.unit_of = {p: i for i, params in enumerate(units) for p in params}
-        self.ready = [0] * len(units)
-        self.next, self.active = 0, False
-        self.hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in self.unit_of]
-
-    def _hook(self, p) -> None:
-        if self.on_grad is not None:
-            self.on_grad(p)
-        if not self.active:
-            return
-        self.ready[self.unit_of[p]] += 1
-        while self.next < len(self.units) and self.ready[self.next] == len(self.units[self.next]):
-            self.next += 1
-            self.on_ready(self.next - 1)
-
-    def start(self) -> None:
-        self.ready, self.next, self.active = [0] * len(self.units), 0, True
-
-    def flush(self) -> None:
-        """End of backward: release the units still waiting (parameters that got no gradient)."""
-        while self.next < len(self.units):
-            self.next += 1
-            self.on_ready(self.next - 1)
-        self.active = False
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
+from ds_lab.runtime.mode import GradientMode, is_model_parallel
+from ds_lab.runtime.ready import ReadyInOrder
 
 
 class BucketedAllReduce:
@@ -143,3 +105,99 @@ class BucketedAllReduce:
 
     def remove(self) -> None:
         self.tracker.remove()
+
+
+class DataParallel(GradientMode):
+    """ZeRO stage 0: every rank keeps everything; gradients are all-reduced in buckets during backward.
+
+    fp32: the optimizer steps the parameters themselves. bf16/fp16: each parameter gets an fp32
+    master copy (the optimizer never sees the 2-byte weights) and the step copies it back.
+    """
+
+    name, stage = "data parallel", 0
+    supports_no_sync = True
+    # DeepSpeed's stage-0 fp16 optimizer ignores hysteresis and stays at the minimum scale
+    loss_scaler_options = dict(use_hysteresis=False, raise_below_minimum=False)
+
+    def __init__(self, module, grid, model_dtype, device, bucket_size: int, overlap: bool = True):
+        super().__init__(grid, device)
+        self.module, self.model_dtype = module, model_dtype
+        self.master_of = {}  # model param -> fp32 master (mixed precision only)
+        self.bucket_size, self.overlap = bucket_size, overlap
+        self.reducer = None
+
+    def optimizer_params(self, group_index: int, params: list) -> list:
+        if self.model_dtype == torch.float32:
+            masters = list(params)
+        else:
+            for p in params:
+                if p not in self.master_of:
+                    self.master_of[p] = torch.nn.Parameter(p.detach().clone().float())
+            masters = [self.master_of[p] for p in params]
+        known = {id(m) for m in self.masters}
+        self.masters.extend(m for m in masters if id(m) not in known)
+        return masters
+
+    def attach(self) -> None:
+        """After the cast to the model dtype: the flat gradient buffer and its buckets."""
+        self.reducer = BucketedAllReduce(list(self.module.parameters()), self.bucket_size,
+                                         group=self.dp_group, overlap=self.overlap)
+
+    def backward_start(self, boundary: bool) -> None:
+        self.reducer.backward_start(boundary)
+
+    def backward_end(self, boundary: bool) -> None:
+        self.reducer.backward_end(boundary)
+
+    def zero_grad(self) -> None:
+        self.reducer.zero_grad()
+
+    def owned_grads(self) -> list:
+        return [self.reducer.buffer]
+
+    def prepare_master_grads(self) -> list:
+        for p, master in self.master_of.items():
+            master.grad = p.grad.float() if p.grad is not None else None
+        # the full gradient is replicated over data ranks (and over model ranks, unless a TP shard)
+        return [(m.grad, ("data",) + (() if is_model_parallel(m) else ("model",)))
+                for m in self.masters if m.grad is not None]
+
+    def release_master_grads(self) -> None:
+        for master in self.master_of.values():
+            master.grad = None  # fp32 masters: dropped; fp32 params keep their views into the buffer
+
+    def publish_params(self) -> None:
+        with torch.no_grad():
+            for p, master in self.master_of.items():
+                p.copy_(master)
+
+    def ledger_categories(self) -> dict:
+        return dict(params=list(self.module.parameters()), grads=[self.reducer.buffer],
+                    master_params=list(self.master_of.values()))
+
+    def model_state(self, names: dict) -> dict:
+        return dict(optimizer=self.optimizer.state_dict() if self.optimizer is not None else None,
+                    master_params_by_name={names[p]: m.detach() for p, m in self.master_of.items()})
+
+    def load(self, weights: dict, model_state: dict, shards: list, names: dict,
+             load_optimizer_states: bool) -> None:
+        """Weights into the parameters and, exactly in fp32, into the masters (so a bf16 engine
+        continues from an fp32 checkpoint's values, not from their 2-byte rounding)."""
+        with torch.no_grad():
+            for p in self.module.parameters():
+                if names[p] in weights:
+                    p.copy_(weights[names[p]])
+            for p, master in self.master_of.items():
+                master.copy_(weights[names[p]] if names[p] in weights else p.float())
+        if load_optimizer_states and self.optimizer is not None and model_state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(model_state["optimizer"])
+
+    def detach(self) -> None:
+        """Hooks off; parameters back to the fp32 values of the masters when there are masters."""
+        if self.reducer is not None:
+            self.reducer.remove()
+            for p in self.reducer.params:
+                p.grad = None
+        with torch.no_grad():
+            for p, master in self.master_of.items():
+                p.data = master.detach().clone()

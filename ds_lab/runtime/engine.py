@@ -9,16 +9,22 @@
 One optimizer step = `gradient_accumulation_steps` micro-steps on every data-parallel rank:
     train_batch_size = micro_batch_per_gpu x gradient_accumulation_steps x data-parallel size
 
-At the boundary `step()` does, in order: (fp16) check for inf/nan and skip the step if any, with
-the loss scaler adjusting; copy gradients to the fp32 master weights (bf16/fp16); unscale and clip
-them to `gradient_clipping` by their global norm; run the optimizer; copy the master weights back;
-step the LR scheduler; zero the gradients. Gradients were already averaged over the data-parallel
-ranks during backward: all-reduced in buckets at stage 0 (`runtime/data_parallel.py`), or
-reduce-scattered into each rank's shard under ZeRO (`zero/stage1.py`, `stage2.py`, `stage3.py`,
-which then also own the fp32 master shards and the sharded step: `zero/partition.py`).
+Every mode runs this one path. What differs between data parallel (stage 0), ZeRO-1/2/3 — and,
+next, 1-bit Adam and the tensor-parallel variants — sits behind one small interface, the *mode*
+(`runtime/mode.py`): where a gradient goes when it is ready (`backward_start`/`backward_end`),
+what the optimizer steps (`optimizer_params`), the step itself with its overflow check, global
+norm and clipping (written once, in `GradientMode.step`), what the ledger counts and what a
+checkpoint keeps. This file never asks which mode it runs. Every process group comes from one
+grid (`comm/topology.py`: pipe x data x model), built by `initialize` or taken from an `mpu`.
+
+At the boundary `step()` does, in order: (fp16) check every rank's gradients for inf/nan and skip
+the step if any, with the loss scaler adjusting; give the fp32 masters their gradients; unscale and
+clip them by the global norm; run the optimizer; bring the model's parameters up to date; step the
+LR scheduler; zero the gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -28,59 +34,58 @@ from ds_lab import comm
 from ds_lab.config import ConfigError, DeepSpeedConfig
 from ds_lab.monitor import events
 from ds_lab.monitor.monitors import build_monitors
-from ds_lab.monitor.memory import ActivationTracker, cuda_allocator, ledger, optimizer_state_tensors
+from ds_lab.monitor.memory import (CATEGORIES, ActivationTracker, cuda_allocator, ledger,
+                                   optimizer_state_tensors)
 from ds_lab.optim import build_optimizer
 from ds_lab.runtime import checkpoint
-from ds_lab.runtime.data_parallel import BucketedAllReduce
 from ds_lab.runtime.lr_schedules import build_scheduler
-from ds_lab.zero.partition import param_shape
-from ds_lab.runtime.precision import DTYPES, has_overflow, make_loss_scaler
+from ds_lab.runtime.mode import param_shape
+from ds_lab.runtime.precision import DTYPES, make_loss_scaler
 
 
 class DeepSpeedEngine(torch.nn.Module):
-    def __init__(self, model, config: DeepSpeedConfig, optimizer=None, model_parameters=None,
+    def __init__(self, model, config: DeepSpeedConfig, grid, build_mode, optimizer=None, model_parameters=None,
                  lr_scheduler=None, training_data=None, collate_fn=None, mpu=None):
+        """Built by `ds_lab.initialize`, which gives the process grid and `build_mode(module, param
+        lists, grid, model dtype, device)`, the constructor of the mode the config selects."""
         super().__init__()
+        previous = getattr(model, "_ds_lab_mode", None)
+        if previous is not None:  # the model already has an engine (a re-run notebook cell): take over
+            previous.detach()
         self.module = model
         self.config = config
-        self.mpu = mpu
-        self.dp_group = mpu.get_data_parallel_group() if mpu is not None else None
-        self.dp_world_size = comm.get_world_size(self.dp_group)
-        self.dp_rank = comm.get_rank(self.dp_group)
+        self.mpu, self.grid = mpu, grid
+        self.dp_group = grid.group("data")
+        self.dp_world_size, self.dp_rank = grid.size("data"), grid.rank_in("data")
         self.device = comm.device()
         self.precision = config.precision
         self.global_steps = self.global_samples = self.micro_steps = self.skipped_steps = 0
         self._global_grad_norm = None
         self._step_applied = False
+        self._boundary_override = None  # set_gradient_accumulation_boundary()
+        self.inside_no_sync = False
         self.losses = []  # this optimizer step's micro-batch losses (unscaled), for monitors
 
         model.to(self.device)
         self._broadcast_model()
         groups = self._param_groups(optimizer, model_parameters)
-        zero = config.zero_optimization
-        self.zero, self.reducer = None, None
-        if zero.stage == 0:
-            self.optimizer, self.master_params = self._configure_optimizer(optimizer, groups, self._stage0_masters)
-            self._to_model_dtype()
-            self.reducer = BucketedAllReduce(list(model.parameters()), zero.reduce_bucket_size,
-                                             group=self.dp_group,
-                                             overlap=True if zero.overlap_comm is None else zero.overlap_comm)
-        else:  # ZeRO: the masters are fp32 shards made from the fp32 weights, before any cast
-            from ds_lab.zero import build_zero_optimizer
-            self.zero = build_zero_optimizer(zero, model, [params for params, _ in groups], self.dp_group,
-                                             DTYPES[self.precision], self.device)
-            self._to_model_dtype()
-            self.zero.attach()
-            self.optimizer, _ = self._configure_optimizer(optimizer, groups, lambda i, params: [self.zero.masters[i]])
-            self.zero.optimizer = self.optimizer
-            self.master_params, self.master_of = self.zero.masters, {}
-        self.loss_scaler = make_loss_scaler(config.fp16)
+        # the mode takes the fp32 values for its masters before the model is cast to 2 bytes
+        self.mode = build_mode(model, [params for params, _ in groups], grid, DTYPES[self.precision], self.device)
+        self.optimizer = self._configure_optimizer(optimizer, groups, self.mode.optimizer_params)
+        if self.precision != "fp32":
+            model.to(DTYPES[self.precision])  # same Parameter objects, now 2 bytes each
+        self.mode.attach()
+        self.mode.optimizer = self.optimizer
+        object.__setattr__(model, "_ds_lab_mode", self.mode)  # a later engine on this model detaches it
+        self.loss_scaler = make_loss_scaler(config.fp16, **self.mode.loss_scaler_options)
         self.lr_scheduler = self._configure_scheduler(lr_scheduler)
         self.training_dataloader = self._dataloader(training_data, collate_fn) if training_data is not None else None
         self.activations = ActivationTracker(exclude=list(model.parameters()),
-                                             live_param_storages=getattr(self.zero, "live_storages", None))
+                                             live_param_storages=getattr(self.mode, "live_storages", None))
         self.timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self.track_activations = False
+        self._measuring, self.peaks, self.last_peaks = True, {}, {}
+        self.mode.probe = self._probe  # the mode reports its own peak moments (buckets, fp32 grads)
         self.monitors = build_monitors(config, rank=comm.get_rank())
         if config.comms_logger.enabled and config.comms_logger.verbose:
             comm.add_listener(self._print_comm)
@@ -115,49 +120,35 @@ class DeepSpeedEngine(torch.nn.Module):
             return [(list(g["params"]), {k: v for k, v in g.items() if k != "params"}) for g in params]
         return [([p for p in params if p.requires_grad], {})]
 
-    def _stage0_masters(self, index, params):
-        """Data parallel: fp32 keeps the parameters themselves; mixed precision adds an fp32
-        master copy per parameter (the optimizer never sees the 2-byte weights)."""
-        if self.precision == "fp32":
-            return params
-        for p in params:
-            if p not in self.master_of:
-                self.master_of[p] = torch.nn.Parameter(p.detach().clone().float())
-        return [self.master_of[p] for p in params]
-
     def _configure_optimizer(self, client_optimizer, groups, to_masters):
-        """Return (optimizer, master params): the client's optimizer, a callable's, or the config's,
-        pointed at `to_masters(group index, params)` for every group."""
-        self.master_of = {}  # model param -> fp32 master (stage 0, mixed precision)
+        """The client's optimizer, a callable's, or the config's, pointed at what the mode says the
+        optimizer steps (`to_masters(group index, params)`: fp32 masters) for every group."""
         remapped = [dict(hyper, params=to_masters(i, params)) for i, (params, hyper) in enumerate(groups)]
         if isinstance(client_optimizer, torch.optim.Optimizer):
             for group, new in zip(client_optimizer.param_groups, remapped):
                 group["params"] = new["params"]
             client_optimizer.state.clear()
-            optimizer = client_optimizer
-        elif callable(client_optimizer):
-            optimizer = client_optimizer(remapped)
-        elif self.config.optimizer is not None:
+            return client_optimizer
+        if callable(client_optimizer):
+            return client_optimizer(remapped)
+        if self.config.optimizer is not None:
             try:
-                optimizer = build_optimizer(self.config.optimizer, remapped)
+                return build_optimizer(self.config.optimizer, remapped)
             except TypeError as err:
                 raise ConfigError(f"optimizer.params {self.config.optimizer.params}: {err}") from err
-        else:
-            optimizer = None
-        return optimizer, list(self.master_of.values())
-
-    def _to_model_dtype(self) -> None:
-        if self.precision != "fp32":
-            self.module.to(DTYPES[self.precision])  # same Parameter objects, now 2 bytes each
+        return None
 
     def _configure_scheduler(self, client_scheduler):
+        """DeepSpeed's rule: a client scheduler (or a callable making one) wins over the config's."""
+        if client_scheduler is not None:
+            if callable(client_scheduler) and not hasattr(client_scheduler, "step"):
+                return client_scheduler(self.optimizer)
+            return client_scheduler
         if self.config.scheduler is not None:
             if self.optimizer is None:
                 raise ConfigError("the config has a 'scheduler' but there is no optimizer")
             return build_scheduler(self.config.scheduler, self.optimizer)
-        if callable(client_scheduler) and not hasattr(client_scheduler, "step"):
-            return client_scheduler(self.optimizer)
-        return client_scheduler
+        return None
 
     def _dataloader(self, dataset, collate_fn):
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=self.dp_world_size,
@@ -176,7 +167,43 @@ class DeepSpeedEngine(torch.nn.Module):
         return self.config.gradient_accumulation_steps
 
     def is_gradient_accumulation_boundary(self) -> bool:
+        if self._boundary_override is not None:
+            return self._boundary_override
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        """DeepSpeed's manual override: the caller says which micro-step ends the accumulation
+        (set it before each forward/backward; the last one True), instead of counting micro-steps."""
+        self._boundary_override = bool(is_boundary)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """DeepSpeed's context: backward inside it keeps gradients local (no collective), so they
+        accumulate until a backward outside it synchronises them all. Stages 0 and 1 only: stages
+        2 and 3 keep no full local gradient to accumulate in."""
+        if not self.mode.supports_no_sync:
+            raise RuntimeError(f"no_sync is incompatible with gradient partitioning ({self.mode.name}, "
+                               f"ZeRO stage {self.mode.stage}); use ZeRO stage 0 or 1")
+        if self.inside_no_sync:
+            raise RuntimeError("no_sync contexts cannot be nested")
+        self.inside_no_sync = True
+        try:
+            yield
+        finally:
+            self.inside_no_sync = False
+
+    def zero_optimization_stage(self) -> int:
+        return self.mode.stage
+
+    @property
+    def zero(self):
+        """The ZeRO optimizer (the mode, when it is a ZeRO stage), as DeepSpeed's engine.optimizer is."""
+        return self.mode.zero_optimizer
+
+    @property
+    def reducer(self):
+        """Data parallel's bucketed all-reduce, for chapters that count its buckets."""
+        return getattr(self.mode, "reducer", None)
 
     def get_lr(self) -> list:
         return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
@@ -198,6 +225,7 @@ class DeepSpeedEngine(torch.nn.Module):
         # so activations are measured on the first step, whenever a dashboard watches, or always
         # when `engine.track_activations = True`; the peak only changes with the input's shape.
         watch = self.track_activations or self.global_steps == 0 or events.enabled()
+        self._measuring = watch  # the peak ledger samples this step too (see _probe)
         if torch.is_grad_enabled() and self.module.training and watch:
             with self.activations.track():
                 out = self.module(*args, **kwargs)
@@ -213,22 +241,26 @@ class DeepSpeedEngine(torch.nn.Module):
             loss = loss / self.gradient_accumulation_steps()
         if self.loss_scaler is not None:
             loss = loss.float() * self.loss_scaler.loss_scale
-        boundary = self.is_gradient_accumulation_boundary()
-        sync = self.zero if self.zero is not None else self.reducer
-        sync.backward_start(boundary)
+        boundary = self.is_gradient_accumulation_boundary() and not self.inside_no_sync
+        self.mode.backward_start(boundary)
         loss.backward(retain_graph=retain_graph)
         t_computed = time.time()
-        sync.backward_end(boundary)  # wait for the gradient collectives still in flight
+        self._probe("backward")  # buckets still in flight, gathered ZeRO-3 units: all exist now
+        self.mode.backward_end(boundary)  # wait for the gradient collectives still in flight
         if events.enabled():  # the wait is drawn apart, so overlap with backward stays visible
             events.span("grad sync wait", "comm", t_computed, time.time(), self.global_steps)
         self._phase_done("backward", t0, end=t_computed)
         return loss
 
     def zero_grad(self) -> None:
-        (self.zero or self.reducer).zero_grad()
+        self.mode.zero_grad()
 
     def step(self) -> None:
+        if self.inside_no_sync:
+            raise RuntimeError("engine.step() inside no_sync(): leave the context first (its gradients "
+                               "are not synchronised yet), as DeepSpeed requires")
         t0, step = time.time(), self.global_steps
+        self._step_applied = False
         if self.is_gradient_accumulation_boundary():
             if self.optimizer is None:
                 raise ConfigError("engine.step() needs an optimizer: pass optimizer= to initialize() "
@@ -251,58 +283,22 @@ class DeepSpeedEngine(torch.nn.Module):
             events.publish("memory", dict(step=step, phase=phase, time=t1, bytes=snapshot))
 
     def _take_model_step(self) -> None:
-        if self.zero is not None:
-            overflow = self.zero.step(self.loss_scale, self.config.gradient_clipping,
-                                      check_overflow=self.loss_scaler is not None)
-            if not overflow:
-                self._global_grad_norm = self.zero.grad_norm
-                if self.lr_scheduler is not None:
-                    self.lr_scheduler.step()
-        else:
-            overflow = self.loss_scaler is not None and self._overflow()
-            if not overflow:
-                self._apply_step([p for p in self.module.parameters() if p.requires_grad])
+        overflow = self.mode.step(self.loss_scale, self.config.gradient_clipping,
+                                  check_overflow=self.loss_scaler is not None)
+        if not overflow:
+            self._global_grad_norm = self.mode.grad_norm
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        if self.loss_scaler is not None:  # may raise (ZeRO, at the minimum scale) before counting, as DeepSpeed
+            self.loss_scaler.update_scale(overflow)
         self.skipped_steps += int(overflow)
         self._step_applied = not overflow
-        if self.loss_scaler is not None:
-            self.loss_scaler.update_scale(overflow)
         self.zero_grad()
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
+        self.last_peaks, self.peaks = self.peaks, {}
         self._report(overflow)
         self.losses = []
-
-    def _overflow(self) -> bool:
-        """Any inf/nan in any rank's gradients? All ranks must agree, or they would diverge."""
-        flag = torch.tensor([float(has_overflow([self.reducer.buffer]))], device=self.device)
-        if self.dp_world_size > 1:
-            with comm.tag("overflow_check"):
-                comm.all_reduce(flag, op=comm.ReduceOp.MAX, group=self.dp_group)
-        return bool(flag.item())
-
-    def _apply_step(self, model_params) -> None:
-        if self.master_of:
-            for p, master in self.master_of.items():
-                master.grad = p.grad.float() if p.grad is not None else None
-            grads = [m.grad for m in self.master_of.values() if m.grad is not None]
-        else:
-            grads = [p.grad for p in model_params if p.grad is not None]
-        inv_scale = 1.0 / self.loss_scale
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads]))) * inv_scale
-        self._global_grad_norm = norm.item()
-        clip = self.config.gradient_clipping
-        if clip > 0:  # as torch.nn.utils.clip_grad_norm_ computes it (a float32 tensor), times 1/scale
-            torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0) * inv_scale)
-        elif inv_scale != 1.0:
-            torch._foreach_mul_(grads, inv_scale)
-        self.optimizer.step()
-        if self.master_of:
-            with torch.no_grad():
-                for p, master in self.master_of.items():
-                    p.copy_(master)
-                    master.grad = None  # the fp32 gradient copy lives only during the step
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
 
     def _report(self, overflow: bool) -> None:
         if not self.losses:
@@ -327,28 +323,37 @@ class DeepSpeedEngine(torch.nn.Module):
     # ---- measurement -----------------------------------------------------------------------------
     def _ledger(self) -> dict:
         params = list(self.module.parameters())
-        if self.zero is not None:
-            parts = self.zero.ledger_categories()
-        else:
-            parts = dict(params=params, grads=[self.reducer.buffer], master_params=self.master_params)
+        parts = self.mode.ledger_categories()
         report = ledger({
             "params": parts["params"] + params,
-            "grads": parts["grads"] + [p.grad for p in params],
+            "grads": parts["grads"] + [p.grad for p in params] + [m.grad for m in self.mode.masters],
             "master_params": parts["master_params"],
             "optimizer_states": optimizer_state_tensors(self.optimizer),
-            "buffers": parts.get("buffers", []) + list(self.module.buffers()),
+            "buffers": parts.get("buffers", []) + self.mode.transient + list(self.module.buffers()),
         })
         report["activations"] = self.activations.live
         return report
 
+    def _probe(self, moment: str) -> None:
+        """Sample the ledger at a moment of (possible) peak: the end of backward, inside the step.
+        Keeps, for this optimizer step, each category's largest value and the largest total."""
+        if not self._measuring:
+            return
+        snapshot = self._ledger()
+        for category in CATEGORIES:
+            self.peaks[category] = max(self.peaks.get(category, 0), snapshot[category])
+        total = sum(snapshot[c] for c in CATEGORIES)
+        if total > self.peaks.get("total", -1):
+            self.peaks["total"], self.peaks["total_at"] = total, moment
+
     def memory_report(self) -> dict:
-        """Bytes on this rank by category, from the tensors that exist now (see monitor/memory.py)."""
+        """Bytes on this rank by category, from the tensors that exist now (see monitor/memory.py),
+        plus `peak`: each category's largest value inside the last measured step's backward and
+        optimizer step (reduce buckets in flight, fp32 gradient copies, gathered units)."""
         report = self._ledger()
         report["activations_peak"] = self.activations.peak
-        if self.zero is not None:
-            report["padding_elements"] = sum(u.padded - u.numel for u in self.zero.units)
-        else:
-            report["padding_elements"] = 0  # data parallel's flat buffer is exactly Ψ
+        report["padding_elements"] = self.mode.padding_elements()
+        report["peak"] = dict(self.last_peaks)
         allocator = cuda_allocator(self.device)
         if allocator:
             report["allocator"] = allocator
@@ -366,8 +371,9 @@ class DeepSpeedEngine(torch.nn.Module):
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False):
         return checkpoint.load(self, load_dir, tag=tag, strict=load_module_strict,
-                               load_optimizer_states=load_optimizer_states and not load_module_only,
-                               load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only)
+                               load_optimizer_states=load_optimizer_states,
+                               load_lr_scheduler_states=load_lr_scheduler_states,
+                               load_module_only=load_module_only)
 
     def __getattr__(self, name):
         # unknown attributes go to the wrapped model, as DeepSpeed's engine does

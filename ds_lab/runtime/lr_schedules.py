@@ -34,16 +34,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-if TYPE_CHECKING:  # avoid importing ds_lab.config at runtime: it imports this module lazily
-    from ds_lab.config import SchedulerConfig
+# The config layer (below this one) declares the schedules' names, arguments and warmup types, so it
+# can check a config without importing the runtime; tests/test_lr_schedules.py holds the two together.
+from ds_lab.config import WARMUP_TYPES, SchedulerConfig
 
-WARMUP_LOG_RATE = "log"
-WARMUP_LINEAR_RATE = "linear"
-WARMUP_TYPES = (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE)
+WARMUP_LOG_RATE, WARMUP_LINEAR_RATE = WARMUP_TYPES
 
 LearningRates = Union[float, Sequence[float]]
 
@@ -228,7 +227,7 @@ class WarmupCosineLR(_Schedule):
 SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR}
 
 
-def build_scheduler(scheduler_config: "SchedulerConfig", optimizer) -> _Schedule:
+def build_scheduler(scheduler_config: SchedulerConfig, optimizer) -> _Schedule:
     """Instantiate the schedule a validated ``SchedulerConfig`` names, on ``optimizer``."""
     if scheduler_config.type not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler_config.type!r}; ds_lab has {list(SCHEDULERS)}")

@@ -6,12 +6,22 @@ Bytes per parameter Ψ, data parallel with Adam (the ZeRO paper's 16Ψ):
     bf16/fp16:   params 2 + grads 2 + fp32 master 4 + Adam m, v 8          = 16Ψ  (K = 12)
 
 fp16's 5 exponent bits underflow small gradients, so the loss is multiplied by a scale S before
-backward and the gradients divided by S before the step. The scale is *dynamic* (DeepSpeed's
-semantics, `deepspeed/runtime/fp16/loss_scaler.py`):
+backward and the gradients divided by S before the step. The scale is *dynamic*, step for step as
+DeepSpeed 0.19 moves it (`deepspeed/runtime/fp16/loss_scaler.py` under ZeRO,
+`fp16/fused_optimizer.py` and `unfused_optimizer.py` at stage 0; tests/test_loss_scaler.py holds
+the sequences measured from DeepSpeed itself):
 - an overflow (inf/nan in any gradient) skips the step. With `hysteresis` h, the first h-1
-  overflows in a row only use up the hysteresis; the h-th halves S (never below min_loss_scale);
-- after `loss_scale_window` steps without overflow, S doubles (and hysteresis is refilled;
-  with `consecutive_hysteresis` it is refilled after every good step).
+  overflows only use up the hysteresis; the next halves S (never below min_loss_scale). The
+  hysteresis is refilled only when S doubles (with `consecutive_hysteresis`: after every good step);
+- S doubles on the (window+1)-th good step after the last overflow (or the start), then every
+  `loss_scale_window` good steps;
+- an overflow when S already *is* min_loss_scale (and the hysteresis is used up) stops the run:
+  a smaller scale is not allowed, so DeepSpeed stops the run rather than skip steps forever.
+DeepSpeed's two fp16 paths differ, and the engine's mode says which it runs: ZeRO (stages 1-3)
+does all of the above; stage 0's fp16 optimizer has no hysteresis (every overflow halves S,
+`hysteresis` and `consecutive_hysteresis` are ignored) and stays at min_loss_scale silently,
+skipping every overflowing step. `fp16.loss_scale` > 0 is a static scale: never changed,
+overflowing steps still skipped.
 bf16 has fp32's exponent range: no scaling needed.
 """
 from __future__ import annotations
@@ -21,14 +31,18 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class LossScaleAtMinimumError(RuntimeError):
+    """The gradients overflow at min_loss_scale: DeepSpeed stops the run here too (ZeRO path)."""
+
+
 class DynamicLossScaler:
-    def __init__(self, init_scale=2.0 ** 16, scale_window=1000, hysteresis=2,
-                 consecutive_hysteresis=False, min_scale=1.0, scale_factor=2.0):
+    def __init__(self, init_scale=2.0 ** 16, scale_window=1000, hysteresis=2, consecutive_hysteresis=False,
+                 min_scale=1.0, scale_factor=2.0, raise_below_minimum=True):
         self.cur_scale = float(init_scale)
         self.scale_window, self.hysteresis = scale_window, hysteresis
         self.consecutive_hysteresis, self.min_scale = consecutive_hysteresis, float(min_scale)
-        self.scale_factor = scale_factor
-        self.cur_iter, self.last_overflow_iter, self.delayed_shift = 0, -1, hysteresis
+        self.scale_factor, self.raise_below_minimum = scale_factor, raise_below_minimum
+        self.cur_iter, self.last_overflow_iter, self.cur_hysteresis = 0, -1, hysteresis
         self.dynamic = True
 
     @property
@@ -37,27 +51,37 @@ class DynamicLossScaler:
 
     def update_scale(self, overflow: bool) -> None:
         if overflow:
-            if self.delayed_shift == 1 or self.cur_scale == self.min_scale:
+            if self.hysteresis == 1 or self.cur_hysteresis == 1:
+                if self.cur_scale == self.min_scale and self.raise_below_minimum:
+                    raise LossScaleAtMinimumError(
+                        f"Current loss scale already at minimum ({self.min_scale:g}) - cannot decrease scale "
+                        f"anymore: the gradients overflow (inf/nan) even at the smallest scale allowed. Look "
+                        f"for the inf/nan in the loss or the data, lower the learning rate, or lower "
+                        f"fp16.min_loss_scale")
                 self.cur_scale = max(self.cur_scale / self.scale_factor, self.min_scale)
             else:
-                self.delayed_shift -= 1
+                self.cur_hysteresis -= 1
             self.last_overflow_iter = self.cur_iter
         else:
             if self.consecutive_hysteresis:
-                self.delayed_shift = self.hysteresis
-            if (self.cur_iter - self.last_overflow_iter) % self.scale_window == 0:
+                self.cur_hysteresis = self.hysteresis
+            good_steps_before_this = self.cur_iter - self.last_overflow_iter - 1
+            if good_steps_before_this > 0 and good_steps_before_this % self.scale_window == 0:
                 if not self.consecutive_hysteresis:
-                    self.delayed_shift = self.hysteresis
+                    self.cur_hysteresis = self.hysteresis
                 self.cur_scale *= self.scale_factor
         self.cur_iter += 1
 
     def state_dict(self) -> dict:
         return dict(cur_scale=self.cur_scale, cur_iter=self.cur_iter,
-                    last_overflow_iter=self.last_overflow_iter, delayed_shift=self.delayed_shift)
+                    last_overflow_iter=self.last_overflow_iter, cur_hysteresis=self.cur_hysteresis)
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        state = dict(state)
+        if "delayed_shift" in state:  # the name earlier ds_lab checkpoints used
+            state["cur_hysteresis"] = state.pop("delayed_shift")
+        for key in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis"):
+            setattr(self, key, state[key])
 
 
 class StaticLossScaler(DynamicLossScaler):
@@ -71,17 +95,23 @@ class StaticLossScaler(DynamicLossScaler):
         self.cur_iter += 1
 
 
-def make_loss_scaler(fp16_config):
-    """The scaler an `fp16` config section asks for (None when fp16 is off)."""
+def make_loss_scaler(fp16_config, use_hysteresis: bool = True, raise_below_minimum: bool = True):
+    """The scaler an `fp16` config section asks for (None when fp16 is off).
+
+    What differs between DeepSpeed's two fp16 paths is passed by the engine's mode:
+    ZeRO stages 1-3: use_hysteresis=True, raise_below_minimum=True (the defaults);
+    stage 0:         use_hysteresis=False, raise_below_minimum=False.
+    """
     if not fp16_config.enabled:
         return None
     if fp16_config.loss_scale and fp16_config.loss_scale > 0:
         return StaticLossScaler(fp16_config.loss_scale)
     return DynamicLossScaler(init_scale=2.0 ** fp16_config.initial_scale_power,
                              scale_window=fp16_config.loss_scale_window,
-                             hysteresis=fp16_config.hysteresis,
-                             consecutive_hysteresis=fp16_config.consecutive_hysteresis,
-                             min_scale=fp16_config.min_loss_scale)
+                             hysteresis=fp16_config.hysteresis if use_hysteresis else 1,
+                             consecutive_hysteresis=fp16_config.consecutive_hysteresis and use_hysteresis,
+                             min_scale=fp16_config.min_loss_scale,
+                             raise_below_minimum=raise_below_minimum)
 
 
 def has_overflow(tensors) -> bool:

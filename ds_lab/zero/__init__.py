@@ -1,23 +1,22 @@
 """ZeRO: partition optimizer states (stage 1), gradients (2) and parameters (3) over data-parallel ranks."""
 from __future__ import annotations
 
-from ds_lab import comm
 from ds_lab.zero.checkpoint import consolidate
 from ds_lab.zero.init import GatheredParameters, Init
 from ds_lab.zero.partition import buckets_in_backward_order, make_units
 from ds_lab.zero.stage1 import ZeroStage1
 from ds_lab.zero.stage2 import ZeroStage2
-from ds_lab.zero.stage3 import ZeroStage3
+from ds_lab.zero.stage3 import ZeroStage3, register_external_parameter
 
 
-def build_zero_optimizer(zero_config, module, groups, dp_group, model_dtype, device):
+def build_zero_optimizer(zero_config, module, groups, grid, model_dtype, device):
     """The stage's optimizer wrapper; units follow `reduce_bucket_size` (stages 1, 2) or modules (3)."""
-    world_size, rank = comm.get_world_size(dp_group), comm.get_rank(dp_group)
     if zero_config.stage in (1, 2):
-        units = make_units(groups, world_size, rank, buckets_in_backward_order(zero_config.reduce_bucket_size))
+        split = buckets_in_backward_order(zero_config.reduce_bucket_size)
+        units = make_units(groups, grid.size("data"), grid.rank_in("data"), split)
         cls = ZeroStage1 if zero_config.stage == 1 else ZeroStage2
-        return cls(module, groups, units, dp_group, model_dtype, device)
-    return ZeroStage3.build(zero_config, module, groups, dp_group, model_dtype, device)
+        return cls(module, groups, units, grid, model_dtype, device)
+    return ZeroStage3.build(zero_config, module, groups, grid, model_dtype, device)
 
 
-__all__ = ["build_zero_optimizer", "consolidate", "Init", "GatheredParameters"]
+__all__ = ["build_zero_optimizer", "consolidate", "Init", "GatheredParameters", "register_external_parameter"]

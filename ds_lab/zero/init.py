@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 
 from ds_lab import comm
+from ds_lab.config import DeepSpeedConfig
 
 
 class _InitShard:
@@ -54,10 +56,14 @@ class _InitShard:
         raise KeyError("parameter not in this Init shard")
 
 
-def _partition_module(module, group) -> None:
+def _partition_module(module, group, dtype=None) -> None:
     own = [p for p in module._parameters.values() if p is not None and not hasattr(p, "ds_init")]
     if not own:
         return
+    if dtype is not None:  # zero.Init(dtype=...): floating parameters are converted, as in DeepSpeed
+        for p in own:
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     world, rank = comm.get_world_size(group), comm.get_rank(group)
     dtypes = {p.dtype for p in own}
     shard = _InitShard(own, world, rank, dtypes.pop() if len(dtypes) == 1 else torch.float32)
@@ -76,6 +82,38 @@ def _partition_module(module, group) -> None:
     Init.peak_bytes = max(Init.peak_bytes, flat.numel() * flat.element_size())
 
 
+_DTYPES = (torch.half, torch.bfloat16, torch.float)
+
+
+def _refuse_unsupported(**given) -> None:
+    """zero.Init arguments DeepSpeed has and ds_lab does not: a value other than the default is refused."""
+    why = {"pin_memory": "pinned CPU memory only speeds up offloading, which ds_lab does not do",
+           "zero_param_parallel_group": "ZeRO++ hierarchical partitioning (hpZ) is not in ds_lab",
+           "zero_quantized_weights": "ZeRO++ quantized weights (qwZ) are not in ds_lab",
+           "zero_quantized_nontrainable_weights": "ZeRO++ quantized weights (qwZ) are not in ds_lab",
+           "param_swapper": "NVMe parameter swapping is not in ds_lab",
+           "tensor_overrides": "ds_lab's Init overrides nothing but the dtype (pass dtype=)"}
+    remote_device = given.pop("remote_device")
+    if remote_device not in (None, "none", "cpu"):
+        raise ValueError(f"zero.Init(remote_device={remote_device!r}) is not supported by ds_lab (no offloading); "
+                         f"use None, 'none' or 'cpu'")
+    for name, value in given.items():
+        if value not in (None, False):
+            raise ValueError(f"zero.Init({name}=...) is not supported: {why[name]}; remove the argument")
+
+
+def _resolve_dtype(dtype, config_dict_or_path, mpu, group):
+    """The dtype Init converts parameters to: `dtype`, else the config's precision, else None (keep)."""
+    if dtype is None and config_dict_or_path is not None:
+        comm.init_distributed()  # as DeepSpeed's Init does; the config's batch sizes need the world size
+        world_size = mpu.get_data_parallel_world_size() if mpu is not None else comm.get_world_size(group)
+        precision = DeepSpeedConfig.from_any(config_dict_or_path, world_size=world_size).precision
+        dtype = {"fp16": torch.half, "bf16": torch.bfloat16, "fp32": torch.float}[precision]
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"zero.Init(dtype={dtype}) must be one of torch.half, torch.bfloat16, torch.float")
+    return dtype
+
+
 def _all_subclasses(cls):
     for sub in cls.__subclasses__():
         yield sub
@@ -83,16 +121,58 @@ def _all_subclasses(cls):
 
 
 class Init:
-    """Context manager: modules constructed inside are partitioned as they are built."""
+    """Context manager: modules constructed inside are partitioned as they are built.
+
+    Takes DeepSpeed's arguments (deepspeed/runtime/zero/partition_parameters.py `Init`), and no
+    others: an unknown keyword is a TypeError, as there. Honoured: data_parallel_group (or its
+    deprecated alias sequence_data_parallel_group), enabled, dtype (floating parameters are
+    converted to it: torch.half, torch.bfloat16 or torch.float), config_dict_or_path (or the
+    deprecated config; its fp16/bf16 section picks the dtype when dtype is not given; mpu gives its
+    data-parallel size), remote_device None/"none"/"cpu" (parameters stay where the module makes
+    them). Refused with a message: module, pin_memory=True, remote_device="nvme", ZeRO++
+    (zero_param_parallel_group, zero_quantized_weights, zero_quantized_nontrainable_weights),
+    param_swapper, tensor_overrides. mem_efficient_linear has nothing to switch in ds_lab (it never
+    replaces torch.nn.functional.linear), so passing it warns.
+
+    Departs from DeepSpeed: with neither dtype nor a config, parameters keep the dtype the module
+    creates (DeepSpeed converts them to fp16); the engine casts them to the config's precision.
+    """
 
     peak_bytes = 0  # the largest whole flat vector Init had to hold at once (one module's params)
 
-    def __init__(self, module=None, data_parallel_group=None, enabled=True, **unused):
+    def __init__(self, module=None, data_parallel_group=None, mem_efficient_linear=None, remote_device=None,
+                 pin_memory=False, config_dict_or_path=None, config=None, enabled=True, dtype=None, mpu=None,
+                 zero_param_parallel_group=None, zero_quantized_weights=False,
+                 zero_quantized_nontrainable_weights=False, sequence_data_parallel_group=None, param_swapper=None,
+                 tensor_overrides=None):
         if module is not None:
             raise TypeError("ds_lab's zero.Init does not take module=: converting a model that already "
                             "exists saves nothing, the whole model is in memory by then (stage 3 partitions "
                             "it anyway in initialize()). Build the model inside `with ds_lab.zero.Init():`")
+        _refuse_unsupported(remote_device=remote_device, pin_memory=pin_memory,
+                            zero_param_parallel_group=zero_param_parallel_group,
+                            zero_quantized_weights=zero_quantized_weights,
+                            zero_quantized_nontrainable_weights=zero_quantized_nontrainable_weights,
+                            param_swapper=param_swapper, tensor_overrides=tensor_overrides)
+        if mem_efficient_linear is not None:
+            warnings.warn("zero.Init(mem_efficient_linear=...) has no effect in ds_lab: it never replaces "
+                          "torch.nn.functional.linear (its stage 3 gathers whole modules); remove the argument",
+                          stacklevel=2)
+        if sequence_data_parallel_group is not None:  # as in DeepSpeed: a deprecated name for the same group
+            if data_parallel_group is not None:
+                raise ValueError("zero.Init got both data_parallel_group and sequence_data_parallel_group; "
+                                 "pass only data_parallel_group")
+            warnings.warn("zero.Init(sequence_data_parallel_group=) is deprecated (as in DeepSpeed); "
+                          "use data_parallel_group=", DeprecationWarning, stacklevel=2)
+            data_parallel_group = sequence_data_parallel_group
+        if config is not None:
+            if config_dict_or_path is not None:
+                raise ValueError("zero.Init got both config and config_dict_or_path; pass only config_dict_or_path")
+            warnings.warn("zero.Init(config=) is deprecated (as in DeepSpeed); use config_dict_or_path=",
+                          DeprecationWarning, stacklevel=2)
+            config_dict_or_path = config
         self.group, self.enabled, self.patched = data_parallel_group, enabled, []
+        self.dtype = _resolve_dtype(dtype, config_dict_or_path, mpu, data_parallel_group)
 
     def __enter__(self):
         if not self.enabled:
@@ -106,7 +186,7 @@ class Init:
         return self
 
     def _wrap(self, original):
-        group = self.group
+        group, dtype = self.group, self.dtype
 
         @functools.wraps(original)
         def init(module, *args, **kwargs):
@@ -117,7 +197,7 @@ class Init:
             finally:
                 object.__setattr__(module, "_ds_init_depth", depth)
             if depth == 0:
-                _partition_module(module, group)
+                _partition_module(module, group, dtype)
         return init
 
     def __exit__(self, *exc):

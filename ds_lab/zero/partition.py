@@ -16,13 +16,13 @@ A rank's *shard* is its chunks of all units (of one optimizer param group), conc
 fp32 master weights and the Adam moments exist only for the shard, which is what gives every stage
 its 12Ψ/N of optimizer state (K = 12 in mixed precision: master 4 + m 4 + v 4).
 
-The sharded step (identical for all stages, once each rank has its averaged gradient chunks):
-  1. overflow: any inf/nan in any rank's chunk  -> all-reduce(MAX) of one flag; skip if set
-  2. global gradient norm = sqrt(all-reduce(SUM) of each rank's sum of squares): every element
-     is owned by exactly one rank and padding is zero, so nothing is counted twice
-  3. unscale (fp16) and clip by that norm; the optimizer updates the fp32 shard
-  4. the updated shard, cast to the model dtype, is all-gathered back into the full parameters
-     (stage 3 keeps it as the rank's parameter shard instead: no all-gather until the next use)
+The step is the engine's one step (`runtime/mode.py`); what ZeRO gives it:
+  - the gradients this rank owns are its chunks: the overflow flag and the squared norm are summed
+    over ranks, and every element is owned by exactly one rank (padding is zero), so nothing is
+    counted twice
+  - the optimizer updates the fp32 shard only
+  - `publish_params`: the updated shard, cast to the model dtype, is all-gathered back into the
+    full parameters (stage 3 keeps it as the rank's parameter shard instead: no all-gather)
 """
 from __future__ import annotations
 
@@ -31,12 +31,7 @@ import math
 import torch
 
 from ds_lab import comm
-from ds_lab.runtime.precision import has_overflow
-
-
-def param_shape(p) -> tuple:
-    """A parameter's real shape, also when zero.Init left only an empty tensor in it."""
-    return getattr(p, "ds_shape", tuple(p.shape))
+from ds_lab.runtime.mode import GradientMode, is_model_parallel, param_shape
 
 
 class Unit:
@@ -91,16 +86,22 @@ def buckets_in_backward_order(bucket_size: int):
     return split
 
 
-class ZeroOptimizerBase:
-    """Owns the units, the fp32 master shards and the sharded step. Subclasses decide where
-    gradients are reduced and where the full parameters live."""
+class ZeroOptimizerBase(GradientMode):
+    """Owns the units and the fp32 master shards. Subclasses decide where gradients are reduced
+    and where the full parameters live."""
 
-    stage = None
+    name, stage = "ZeRO", None
+    split_axes = ("data",)  # each rank owns a different chunk of every unit
+    # DeepSpeed's ZeRO optimizers use hysteresis and refuse to go below min_loss_scale
+    loss_scaler_options = dict(use_hysteresis=True, raise_below_minimum=True)
 
-    def __init__(self, module, groups: list, units: list, dp_group, model_dtype, device):
-        self.module, self.units, self.dp_group = module, units, dp_group
-        self.world_size, self.rank = comm.get_world_size(dp_group), comm.get_rank(dp_group)
-        self.model_dtype, self.device = model_dtype, device
+    def __init__(self, module, groups: list, units: list, grid, model_dtype, device):
+        super().__init__(grid, device)
+        if any(is_model_parallel(p) for unit in units for p in unit.params):
+            raise NotImplementedError("ZeRO stages 1-3 over tensor-parallel parameters are not supported yet; "
+                                      "use ZeRO stage 0 with tensor parallelism")
+        self.module, self.units = module, units
+        self.model_dtype = model_dtype
         shard_sizes = [0] * len(groups)
         for unit in units:
             unit.shard_offset = shard_sizes[unit.group]
@@ -113,8 +114,13 @@ class ZeroOptimizerBase:
                 master[unit.shard_offset:unit.shard_offset + unit.chunk] = \
                     unit.flatten(self.unit_values(unit), torch.float32)[unit.mine]
             self.masters.append(torch.nn.Parameter(master))
-        self.optimizer = None  # bound by the engine (client or config optimizer over self.masters)
-        self.grad_norm = None
+
+    @property
+    def zero_optimizer(self):
+        return self
+
+    def optimizer_params(self, group_index: int, params: list) -> list:
+        return [self.masters[group_index]]
 
     def unit_values(self, unit) -> list:
         """The whole values of a unit's parameters, to cut the master chunks from."""
@@ -132,46 +138,29 @@ class ZeroOptimizerBase:
         """This rank's gradient chunks of one param group, laid out as its master shard."""
         return torch.cat([self.grad_chunk(u) for u in self.units if u.group == group])
 
-    # ---- the sharded step ------------------------------------------------------------------------
-    def _all_ranks_any(self, flag: bool) -> bool:
-        t = torch.tensor([float(flag)], device=self.device)
-        if self.world_size > 1:
-            with comm.tag("overflow_check"):
-                comm.all_reduce(t, op=comm.ReduceOp.MAX, group=self.dp_group)
-        return bool(t.item())
+    # ---- what the engine's step needs ------------------------------------------------------------
+    def owned_grads(self) -> list:
+        return [self.grad_chunk(u) for u in self.units]
 
-    def step(self, loss_scale: float, clip: float, check_overflow: bool) -> bool:
-        """One optimizer step over the shards; returns True if it was skipped (overflow)."""
-        chunks = [self.grad_chunk(u) for u in self.units]
-        if check_overflow and self._all_ranks_any(has_overflow(chunks)):
-            return True
+    def prepare_master_grads(self) -> list:
         for g, master in enumerate(self.masters):  # fp32 gradient of the shard, only for the step
             master.grad = self.grad_shard(g).float()
-        sq = torch.stack([m.grad.pow(2).sum() for m in self.masters]).sum().reshape(1)
-        if self.world_size > 1:
-            with comm.tag("grad_norm"):
-                comm.all_reduce(sq, group=self.dp_group)
-        self.grad_norm = math.sqrt(sq.item()) / loss_scale
-        coef = 1.0 / loss_scale
-        if clip > 0:
-            coef *= min(clip / (self.grad_norm + 1e-6), 1.0)
-        if coef != 1.0:
-            torch._foreach_mul_([m.grad for m in self.masters], coef)
-        self.optimizer.step()
-        for m in self.masters:
-            m.grad = None
-        self.publish_params()
-        return False
+        # a shard is split over data ranks; over model ranks it is a copy (tensor-parallel shards
+        # inside ZeRO units are not supported yet: refused in __init__)
+        return [(m.grad, ("model",)) for m in self.masters]
 
     def publish_params(self) -> None:
         """Updated master chunks -> full model parameters, by one all-gather per unit."""
-        handles = []
+        handles, self.transient = [], []
         with comm.tag("param_allgather"):
             for unit in self.units:
-                handles.append(self.gather_into(unit, self.master_chunk(unit).to(self.model_dtype)))
+                self.transient.append(self.master_chunk(unit).to(self.model_dtype))
+                handles.append(self.gather_into(unit, self.transient[-1]))
+        self.probe("step: all-gather of the updated shards")
         for h in handles:
             if h is not None:
                 h.wait()
+        self.transient = []
 
     def gather_into(self, unit, chunk, async_op=True):
         """All-gather every rank's `chunk` of `unit` into its whole flat parameter vector
@@ -199,29 +188,42 @@ class ZeroOptimizerBase:
             optimizer=self.optimizer.state_dict(),
         )
 
-    def load_shards(self, shards: list, load_optimizer_states: bool = True) -> None:
-        """Load a checkpoint saved by any number of ranks into this layout (resharding): merge the
-        saved chunks into whole tensors, cut them again for this rank."""
-        from ds_lab.zero.checkpoint import full_tensors_by_name
+    def load(self, weights: dict, model_state: dict, shards: list, names: dict,
+             load_optimizer_states: bool) -> None:
+        """Load a checkpoint saved by any stage and number of ranks into this layout (resharding):
+        `weights` are whole fp32 tensors by name; cut this rank's chunks from them. The optimizer
+        state, when asked, is merged from the saved shards the same way."""
         with torch.no_grad():
-            masters = full_tensors_by_name(shards, "masters")
             for g, master in enumerate(self.masters):
-                master.copy_(self._shard_of(g, masters))
-        if load_optimizer_states:
+                master.copy_(self._shard_of(g, weights))
+        if load_optimizer_states and shards:
+            from ds_lab.runtime.checkpoint import full_tensors_by_name
             saved = shards[0]["optimizer"]
             state = {}
             for index, slots in saved["state"].items():
                 state[index] = {}
                 for slot, value in slots.items():
                     if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1:
-                        value = self._shard_of(int(index), full_tensors_by_name(shards, ("optimizer", slot), {int(index)}))
+                        value = self._shard_of(int(index), full_tensors_by_name(shards, ("optimizer", slot), {int(index)}),
+                                               keep_current=False)
                     state[index][slot] = value
             self.optimizer.load_state_dict(dict(saved, state=state))
         self.publish_params()
 
-    def _shard_of(self, group: int, by_name: dict) -> torch.Tensor:
-        """This rank's shard of group `group`, cut from whole tensors given by parameter name."""
-        names = self.param_names()
-        parts = [unit.flatten([by_name[names[p]] for p in unit.params], torch.float32)[unit.mine]
-                 for unit in self.units if unit.group == group]
+    def _shard_of(self, group: int, by_name: dict, keep_current: bool = True) -> torch.Tensor:
+        """This rank's shard of group `group`, cut from whole tensors given by parameter name. A name
+        missing from `by_name` (a non-strict load) keeps its current master value (gathered: a
+        collective, reached by every rank alike) or, with keep_current=False, zeros."""
+        names, parts = self.param_names(), []
+        for unit in (u for u in self.units if u.group == group):
+            if all(names[p] in by_name for p in unit.params):
+                flat = unit.flatten([by_name[names[p]].to(self.device) for p in unit.params], torch.float32)
+            else:
+                flat = torch.zeros(unit.padded, dtype=torch.float32, device=self.device)
+                if keep_current:
+                    comm.all_gather(flat, self.master_chunk(unit).contiguous(), group=self.dp_group)
+                for p, view in zip(unit.params, unit.views(flat)):
+                    if names[p] in by_name:
+                        view.copy_(by_name[names[p]].reshape(view.shape))
+            parts.append(flat[unit.mine])
         return torch.cat(parts).to(self.device)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 
 from ds_lab import comm
-from ds_lab.runtime.data_parallel import ReadyInOrder
+from ds_lab.runtime.ready import ReadyInOrder
 from ds_lab.zero.partition import ZeroOptimizerBase
 
 
 class ZeroStage1(ZeroOptimizerBase):
     stage = 1
+    supports_no_sync = True  # the full local gradient accumulates until the next synchronising backward
     reduce_every_micro_step = False
 
     def attach(self) -> None:
@@ -37,7 +38,8 @@ class ZeroStage1(ZeroOptimizerBase):
                 p.data, p.grad = view, grad
         self.grad_view = {p: p.grad for p in (q for u in self.units for q in u.params)}
         self.pending = []
-        self.tracker = ReadyInOrder([u.params for u in self.units], self._reduce, self._reattach)
+        self.tracker = ReadyInOrder([u.params for u in self.units], self._reduce, self._reattach,
+                                    names=self.param_names())
 
     def _reattach(self, p) -> None:
         view = self.grad_view[p]
@@ -76,3 +78,11 @@ class ZeroStage1(ZeroOptimizerBase):
     def ledger_categories(self) -> dict:
         return dict(params=[u.flat for u in self.units], grads=[u.grad_flat for u in self.units],
                     master_params=self.masters)
+
+    def detach(self) -> None:
+        """Hooks off; every parameter its own whole tensor again (out of the flat vector), no gradient."""
+        self.tracker.remove()
+        for unit in self.units:
+            for p in unit.params:
+                p.data, p.grad = p.data.clone(), None
+            unit.flat = unit.grad_flat = None

@@ -14,10 +14,22 @@ Each module with parameters of its own is one "unit" (see `partition.py`). Aroun
                         keeps a reference to the Parameter, not to its data), and hook the
                         module's outputs so that their gradient arriving triggers...
     output grad hook    ...the all-gather again, just before the module's backward needs it
-    grads ready         flatten the unit's gradients, free them, reduce-scatter (async), release
-                        the whole parameters again
+    grads ready         add the unit's gradients into its flat bucket, free them, release the whole
+                        parameters again; consecutive ready units are reduce-scattered together, in
+                        one async collective of up to `reduce_bucket_size` elements
 Units smaller than `stage3_param_persistence_threshold` elements are kept whole on every rank
 (gathering tiny tensors costs more in latency than it saves in memory).
+
+Parameters read outside their own module (a tied head `h @ self.emb.weight.t()` in the parent's
+forward) are *external* to the module that reads them: the first read of a released parameter while
+a module runs registers it with that module (as DeepSpeed's ZeROOrderedDict does), and from then on
+it is gathered around that module like its own. `register_external_parameter(module, param)` says
+so ahead of time.
+
+Reentrant activation checkpointing re-runs forwards inside backward: those re-runs gather what
+they need and keep it until its gradients are in. At the end of every backward, and before every
+optimizer step or checkpoint load, `drain()` waits for any all-gather still in flight and releases
+every whole parameter, so no gather started before the step can hand out old weights after it.
 
 What crosses the wire per step (per rank, ring algorithm, Ψ elements, no accumulation):
     forward all-gather  (N-1)/N Ψ  +  backward all-gather (N-1)/N Ψ  +  gradient reduce-scatter (N-1)/N Ψ
@@ -67,22 +79,49 @@ def module_units(module, groups: list, world_size: int, rank: int):
                 used.append(owner[p])
         if used:
             needs[mod] = used
+    for _, mod in module.named_modules():  # registered external parameters (any module may own them)
+        for p in getattr(mod, "_ds_external_parameters", {}).values():
+            if p in owner and owner[p] not in needs.setdefault(mod, []):
+                needs[mod].append(owner[p])
     return units, needs
+
+
+def register_external_parameter(module, parameter) -> None:
+    """DeepSpeed's `deepspeed.zero.register_external_parameter`: `module`'s forward reads `parameter`,
+    which another module owns; ZeRO-3 gathers it around `module` (before, or after initialize)."""
+    module.__dict__.setdefault("_ds_external_parameters", {})[id(parameter)] = parameter
+    zero = getattr(parameter, "ds_zero", None)
+    if zero is not None:
+        zero.add_external(module, parameter)
+
+
+class _GatheringParameters(dict):
+    """A module's `_parameters` under ZeRO-3: reading a parameter while modules run lets stage 3
+    register it as external to the innermost running module and gather it (see the docstring)."""
+
+    def __getitem__(self, name):
+        p = dict.__getitem__(self, name)
+        zero = getattr(p, "ds_zero", None)
+        if zero is not None and zero.running:
+            zero.read_while_running(p)
+        return p
 
 
 class ZeroStage3(ZeroStage2):
     """Stage 2 (gradient shards, reduce-scatter as backward goes) plus partitioned parameters."""
 
     stage = 3
+    partitions_parameters = True  # the module holds chunks: checkpoints keep no whole parameters
 
     @classmethod
-    def build(cls, zero_config, module, groups, dp_group, model_dtype, device):
-        units, needs = module_units(module, groups, comm.get_world_size(dp_group), comm.get_rank(dp_group))
-        self = cls(module, groups, units, dp_group, model_dtype, device)
+    def build(cls, zero_config, module, groups, grid, model_dtype, device):
+        units, needs = module_units(module, groups, grid.size("data"), grid.rank_in("data"))
+        self = cls(module, groups, units, grid, model_dtype, device)
         forget_init_shards(module)
         self.needs = needs
         self.prefetch_elements = zero_config.stage3_prefetch_bucket_size
         self.persistence_threshold = zero_config.stage3_param_persistence_threshold
+        self.reduce_bucket_size = zero_config.reduce_bucket_size
         return self
 
     # ---- setting up ------------------------------------------------------------------------------
@@ -109,7 +148,7 @@ class ZeroStage3(ZeroStage2):
             unit.persistent = unit.numel < self.persistence_threshold
             # in fp32 the parameter chunk *is* the master chunk (no copy to keep or refresh)
             unit.shard = self.master_chunk(unit).to(self.model_dtype)
-            unit.flat, unit.handle = None, None
+            unit.flat, unit.handle, unit.done = None, None, False
             for p, shape in zip(unit.params, unit.shapes):
                 p.ds_zero, p.ds_shape = self, shape  # the real shape, once .data is only a chunk
             if unit.persistent:
@@ -119,16 +158,35 @@ class ZeroStage3(ZeroStage2):
             else:
                 self._release(unit)
         self.attach_gradient_shards(list(reversed(self.units)))  # backward meets modules last to first
-        self.order, self.position, self.recorded = [], 0, False
-        self.module.register_forward_pre_hook(self._start_forward)
-        self.module.register_forward_hook(self._end_forward)
-        for mod in self.needs:
-            mod.register_forward_pre_hook(self._pre_forward)
-            mod.register_forward_hook(self._post_forward)
+        self.order, self.first_position, self.position, self.recorded = [], {}, 0, False
+        self.running, self.in_backward = [], False  # modules whose forward is running, innermost last
+        self.hooks = [self.module.register_forward_pre_hook(self._start_forward),
+                      self.module.register_forward_hook(self._end_forward)]
+        for mod in self.module.modules():  # every module: a parent may read a child's parameter
+            self.hooks += [mod.register_forward_pre_hook(self._pre_forward),
+                           mod.register_forward_hook(self._post_forward)]
+            object.__setattr__(mod, "_parameters", _GatheringParameters(mod._parameters))
 
     def _point_params(self, unit) -> None:
         for p, view in zip(unit.params, unit.views(unit.flat)):
             p.data = view
+
+    def add_external(self, module, p) -> None:
+        """`module` reads `p`, owned by another module: gather p's unit around `module` too."""
+        unit = self.unit_of[p]
+        if unit not in self.needs.setdefault(module, []):
+            self.needs[module].append(unit)
+
+    def read_while_running(self, p) -> None:
+        """A parameter was read while modules run. Not needed by any of them: it is external to the
+        innermost one (registered for every later forward); gather it now if it is released."""
+        unit = self.unit_of.get(p)
+        if unit is None:
+            return
+        if not any(unit in self.needs.get(mod, ()) for mod in self.running):
+            self.add_external(self.running[-1], p)
+        if unit.flat is None:
+            self.gather(unit)
 
     # ---- gather / release ------------------------------------------------------------------------
     def _issue_gather(self, unit) -> None:
@@ -163,21 +221,38 @@ class ZeroStage3(ZeroStage2):
         for p in unit.params:
             p.data = torch.empty(0, dtype=self.model_dtype, device=self.device)
 
+    def _held(self, unit) -> bool:
+        """Still needed by a module whose forward is running (a parent that reads it, or re-entry)."""
+        return any(unit in self.needs.get(mod, ()) for mod in self.running)
+
+    def drain(self) -> None:
+        """Wait for every all-gather in flight and release every whole (non-persistent) unit: after
+        this, nothing gathered before an optimizer step can be used after it."""
+        for unit in self.units:
+            if unit.handle is not None or unit.flat is not None:
+                self._release(unit)
+
     def _count(self, nbytes: int) -> None:
         self.live_bytes += nbytes
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _start_forward(self, module, args):
-        self.position = 0
+        self.position, self.running = 0, []
 
     def _end_forward(self, module, args, output):
         self.recorded = True
 
     def _pre_forward(self, mod, args):
+        self.running.append(mod)
+        if self.in_backward:  # reentrant checkpointing re-runs this forward inside backward
+            for unit in self.needs.get(mod, ()):
+                self.gather(unit)
+            return
         if not self.recorded:
             self.order.append(mod)
-        for unit in self.needs[mod]:
+            self.first_position.setdefault(mod, len(self.order) - 1)
+        for unit in self.needs.get(mod, ()):
             self.gather(unit)
         if self.recorded:
             self._prefetch(self.order[self.position + 1:])
@@ -185,10 +260,13 @@ class ZeroStage3(ZeroStage2):
 
     def _prefetch(self, upcoming) -> None:
         """Start the all-gathers of the units the next modules will need (in forward order during
-        forward, in reverse during backward), within `stage3_prefetch_bucket_size` elements."""
+        forward, in reverse during backward), within `stage3_prefetch_bucket_size` elements. In
+        backward, a unit whose gradients are already in is never prefetched (nothing will use it)."""
         budget = self.prefetch_elements  # whole elements ahead of the current module, in flight or not
         for mod in upcoming:
-            for unit in self.needs[mod]:
+            for unit in self.needs.get(mod, ()):
+                if self.in_backward and (unit.reduced or unit.done):
+                    continue
                 if unit.padded > budget:
                     return
                 budget -= unit.padded
@@ -196,10 +274,16 @@ class ZeroStage3(ZeroStage2):
                     self._issue_gather(unit)
 
     def _post_forward(self, mod, args, output):
-        for unit in self.needs[mod]:
-            self._release(unit)
-        if torch.is_grad_enabled():
-            position = self.position - 1  # where this call stands in forward order
+        if self.running and self.running[-1] is mod:
+            self.running.pop()
+        needs = self.needs.get(mod, ())
+        if not self.in_backward:  # a re-run inside backward keeps them: its backward comes next
+            for unit in needs:
+                if not self._held(unit):
+                    self._release(unit)
+        if needs and torch.is_grad_enabled():
+            # where this call stands in forward order (a re-run inside backward: its first call)
+            position = self.first_position.get(mod, 0) if self.in_backward else self.position - 1
             for t in _tensors(output):
                 if t.requires_grad:
                     t.register_hook(lambda grad, mod=mod, position=position: self._pre_backward(mod, position))
@@ -210,32 +294,66 @@ class ZeroStage3(ZeroStage2):
             self.gather(unit)
         self._prefetch(self.order[position - 1::-1] if position > 0 else [])
 
-    def reduce_unit(self, unit) -> None:
+    # ---- backward: gradients in, whole parameters out ---------------------------------------------
+    def backward_start(self, boundary: bool) -> None:
+        for unit in self.units:
+            unit.done = False
+        self.in_backward = True
+        super().backward_start(boundary)
+
+    def take_grad(self, p) -> None:
+        """As stage 2; and once every parameter of the unit has had this round's gradient (one per
+        backward, or one per checkpointed segment that uses them), its whole parameters go: a later
+        segment that uses them again gathers them again."""
+        super().take_grad(p)
+        unit, fired = self.slot[p][0], self.tracker.fired
+        if all(fired.get(q, 0) >= fired.get(p, 0) for q in unit.params) and not self._held(unit):
+            unit.done = True
+            self._release(unit)
+
+    def unit_ready(self, unit) -> None:
         self._release(unit)  # the module's backward is done: its whole parameters can go
-        super().reduce_unit(unit)
+        super().unit_ready(unit)
+
+    def backward_end(self, boundary: bool) -> None:
+        super().backward_end(boundary)
+        self.in_backward, self.running = False, []
+        self.drain()
+
+    # ---- the step and loading: nothing gathered before them may be used after ----------------------
+    def step(self, loss_scale: float, clip: float, check_overflow: bool) -> bool:
+        self.drain()  # in fp32 the shard being gathered *is* the master the optimizer updates
+        return super().step(loss_scale, clip, check_overflow)
+
+    def load(self, *args, **kwargs) -> None:
+        self.drain()
+        return super().load(*args, **kwargs)
 
     def publish_params(self) -> None:
         """Stage 3 keeps only chunks: the new master chunk becomes the parameter chunk, no traffic
         (persistent units, kept whole, are all-gathered)."""
-        handles = []
+        self.drain()
         for unit in self.units:
             if unit.shard.data_ptr() != self.master_chunk(unit).data_ptr():
                 unit.shard.copy_(self.master_chunk(unit))
-            if unit.persistent:  # all issued at once, then waited on together
-                with comm.tag("param_allgather"):
-                    handles.append(comm.all_gather(unit.flat, unit.shard, group=self.dp_group, async_op=True))
-        for handle in handles:
-            handle.wait()
+        persistent = [u for u in self.units if u.persistent]
+        if persistent:  # small units: one all-gather for all of them, laid out rank by rank
+            whole = torch.empty(self.world_size, sum(u.chunk for u in persistent), dtype=self.model_dtype,
+                                device=self.device)
+            with comm.tag("param_allgather"):
+                comm.all_gather(whole.view(-1), torch.cat([u.shard for u in persistent]), group=self.dp_group)
+            for unit, part in zip(persistent, whole.split([u.chunk for u in persistent], dim=1)):
+                unit.flat.view(self.world_size, unit.chunk).copy_(part)
 
     def ledger_categories(self) -> dict:
         whole = [u.flat for u in self.units if u.flat is not None]
         prefetched = [u.pending_flat for u in self.units if u.handle is not None]
         return dict(params=[u.shard for u in self.units] + whole + prefetched, grads=list(self.grad_shards),
-                    master_params=self.masters, buffers=list(self.in_flight))
+                    master_params=self.masters, buffers=list(self.in_flight.values()))
 
     def full_state_dict(self) -> dict:
         """Every parameter whole, fp32, gathered unit by unit (collective: all ranks call it)."""
-        from ds_lab.runtime.checkpoint import _state_dict_params
+        from ds_lab.runtime.checkpoint import state_dict_params
         names = self.param_names()
         out = {}
         for unit in self.units:
@@ -244,6 +362,30 @@ class ZeroStage3(ZeroStage2):
             for p, view in zip(unit.params, unit.views(flat)):
                 out[names[p]] = view.clone()
         state = {k: v.float() for k, v in self.module.state_dict().items() if v.numel() > 0}
-        for key, p in _state_dict_params(self.module).items():
+        for key, p in state_dict_params(self.module).items():
             state[key] = out[names[p]]
         return state
+
+    def detach(self) -> None:
+        """Hooks off; every parameter an ordinary whole tensor again (model dtype, gathered from the
+        chunks: a collective, as building the engine was), no gradient, no ZeRO attributes."""
+        if getattr(self, "detached", False):
+            return
+        self.drain()
+        self.tracker.remove()
+        for hook in self.hooks:
+            hook.remove()
+        for mod in self.module.modules():
+            if isinstance(mod._parameters, _GatheringParameters):
+                object.__setattr__(mod, "_parameters", dict(mod._parameters))
+        for unit in self.units:
+            flat = unit.flat
+            if flat is None:
+                flat = torch.empty(unit.padded, dtype=self.model_dtype, device=self.device)
+                comm.all_gather(flat, unit.shard, group=self.dp_group)
+            for p, view in zip(unit.params, unit.views(flat)):
+                p.data, p.grad = view.clone(), None
+                del p.ds_zero, p.ds_shape
+            unit.flat, unit.shard = None, None
+        self.live_storages.clear()
+        self.detached = True

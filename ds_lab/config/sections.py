@@ -1,0 +1,145 @@
+"""The config's plain sections: fp16, bf16, zero_optimization, comms_logger, csv_monitor, tensorboard.
+
+Each section is a dataclass whose defaults are DeepSpeed's (the table in `ds_lab.config`), and a
+table of checkers, one per field, that `checks._build` applies to what the user wrote. Keys that
+DeepSpeed has and ds_lab does not are listed here, so the error can say "not supported yet"
+instead of "unknown".
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ds_lab.config.checks import (ConfigError, _boolean, _integer, _number, _optional_boolean, _positive_integer,
+                                  _positive_number, _string, _string_list, _zero_stage)
+
+
+@dataclass
+class FP16Config:
+    enabled: bool = False
+    auto_cast: bool = False  # cast the model's floating-point inputs to fp16
+    loss_scale: float = 0.0  # 0 = dynamic loss scaling; > 0 = this static scale
+    initial_scale_power: int = 16  # dynamic scaling starts at 2**initial_scale_power
+    loss_scale_window: int = 1000  # overflow-free steps before the scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
+    consecutive_hysteresis: bool = False  # refill hysteresis after each overflow-free step
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class BF16Config:
+    enabled: bool = False
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction bucket
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather bucket
+    overlap_comm: Optional[bool] = None  # None: the engine decides (ds_lab overlaps at stage 0, like DDP)
+    contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+
+
+@dataclass
+class CommsLoggerConfig:
+    enabled: bool = False
+    verbose: bool = False
+    prof_all: bool = True
+    debug: bool = False
+    prof_ops: list = field(default_factory=list)
+
+
+@dataclass
+class MonitorConfig:
+    """Settings for one monitor backend (``csv_monitor`` or ``tensorboard``)."""
+
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "DeepSpeedJobName"
+
+
+# ---------------------------------------------------------------- key registries
+# DeepSpeed keys that ds_lab does not model yet, with an optional hint. Taken from DeepSpeed's
+# runtime/config.py (including the keys it now rejects as removed), runtime/constants.py and the
+# sub-configs it reads (monitor, profiling, autotuning, data pipeline, checkpointing, ...).
+_DEEPSPEED_TOP_LEVEL_KEYS = {key: "" for key in (
+    "activation_checkpointing", "aio", "amp", "autotuning", "checkpoint", "comet", "communication_data_type",
+    "compile", "compression_training", "curriculum_learning", "data_efficiency", "data_types",
+    "dataloader_drop_last", "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state",
+    "eigenvalue", "elasticity", "expert_parallel", "flops_profiler", "fp32_allreduce", "gradient_allreduce_op",
+    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level",
+    "managed_gradient_accumulation", "memory_breakdown", "nebula", "pipeline", "prescale_gradients",
+    "progressive_layer_drop", "quantize_training", "seq_parallel_comm_data_type",
+    "seq_parallel_communication_data_type", "sequence_parallel_size", "sparse_attention", "sparse_gradients",
+    "tensor_parallel", "timers", "torch_autocast", "trackio", "use_data_before_expert_parallelism",
+    "vocabulary_size", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer")}
+_DEEPSPEED_TOP_LEVEL_KEYS["bfloat16"] = "DeepSpeed's old name for 'bf16'; write 'bf16'"
+
+_DEEPSPEED_ZERO_KEYS = {key: "" for key in (
+    "allgather_partitions", "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory", "elastic_checkpoint",
+    "enable_sanity_checks", "ignore_unused_parameters", "leaf_module", "legacy_stage1", "load_from_fp32_weights",
+    "log_trace_cache_warnings", "memory_efficient_linear", "mics_hierarchical_params_gather", "mics_shard_size",
+    "offload_optimizer", "offload_param", "override_module_apply", "pipeline_loading_checkpoint",
+    "round_robin_gradients", "save_muon_momentum_buffer_in_memory", "stage3_allgather_sequential",
+    "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+    "stage3_model_persistence_threshold", "stage3_module_granularity_threshold",
+    "stage3_partition_stream_chunk_size", "stage3_use_all_reduce_for_fetch_params", "sub_group_size",
+    "use_multi_rank_bucket_allreduce", "zenflow", "zero_hpz_partition_size", "zero_quantized_gradients",
+    "zero_quantized_nontrainable_weights", "zero_quantized_weights", "zeropp_loco_param")}
+_DEEPSPEED_FP16_KEYS = {"fp16_master_weights_and_grads": "", "fused_mode": ""}
+_DEEPSPEED_BF16_KEYS = {key: "" for key in ("immediate_grad_update", "check_grad_overflow", "check_overflow",
+                                            "bf16_master_weights_and_grads", "bf16_optimizer_states")}
+
+_FP16_CHECKERS = {
+    "enabled": _boolean, "auto_cast": _boolean, "loss_scale": _number, "initial_scale_power": _integer,
+    "loss_scale_window": _positive_integer, "hysteresis": _positive_integer, "consecutive_hysteresis": _boolean,
+    "min_loss_scale": _positive_number}
+_BF16_CHECKERS = {"enabled": _boolean}
+_ZERO_CHECKERS = {
+    "stage": _zero_stage, "reduce_bucket_size": _integer, "allgather_bucket_size": _integer,
+    "overlap_comm": _optional_boolean, "contiguous_gradients": _boolean, "reduce_scatter": _boolean,
+    "stage3_prefetch_bucket_size": _integer, "stage3_param_persistence_threshold": _integer,
+    "stage3_max_live_parameters": _integer, "stage3_max_reuse_distance": _integer}
+_COMMS_LOGGER_CHECKERS = {"enabled": _boolean, "verbose": _boolean, "prof_all": _boolean, "debug": _boolean,
+                          "prof_ops": _string_list}
+_MONITOR_CHECKERS = {"enabled": _boolean, "output_path": _string, "job_name": _string}
+
+
+# zero_optimization keys ds_lab reads but does not act on: a warning names each one given
+_ZERO_NOT_ENFORCED = {
+    "allgather_bucket_size": "ZeRO-1/2 all-gather per unit (units follow reduce_bucket_size)",
+    "stage3_max_live_parameters": "ZeRO-3 releases each module after use; only the prefetch budget is enforced",
+    "stage3_max_reuse_distance": "ZeRO-3 releases each module after use; only the prefetch budget is enforced",
+}
+
+
+def _check_zero_semantics(zero: "ZeroConfig", given: dict) -> "ZeroConfig":
+    """Say so when a value asks for behaviour ds_lab does not have: nothing is silently ignored."""
+    for key in ("contiguous_gradients", "reduce_scatter"):
+        if given.get(key) is False:
+            raise ConfigError(f"zero_optimization.{key}: false is not supported by ds_lab (its ZeRO always keeps "
+                              f"contiguous flat gradients and reduce-scatters them); remove the key or set it true")
+    for key, why in _ZERO_NOT_ENFORCED.items():
+        if key in given:
+            warnings.warn(f"zero_optimization.{key} is accepted but not enforced by ds_lab: {why}", stacklevel=3)
+    if given.get("overlap_comm") is False and zero.stage > 0:
+        warnings.warn("zero_optimization.overlap_comm: false is honoured at stage 0 only; ds_lab's ZeRO "
+                      "stages always overlap gradient reduction with backward", stacklevel=3)
+    return zero
+
+
+
+def _check_fp16_semantics(fp16: FP16Config) -> FP16Config:
+    """fp16.auto_cast asks the engine to cast forward's floating-point inputs to fp16 (DeepSpeed's
+    engine._cast_inputs_half); ds_lab's engine does not yet, so true is refused, not ignored."""
+    if fp16.auto_cast:
+        raise ConfigError("fp16.auto_cast: true is not supported by ds_lab yet (DeepSpeed casts the floating-point "
+                          "inputs of forward to fp16); cast the inputs yourself with .half() and remove the key")
+    return fp16

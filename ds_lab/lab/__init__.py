@@ -1,0 +1,17 @@
+"""What the chapters share: rank functions, independent measurements, tables.
+
+    workers.py   functions run on every rank by `ds_lab.launch` (data parallel, ZeRO)
+    measure.py   measurements that do not ask the engine (a census of live tensors, hooks of our own)
+    tables.py    the model-states tables the chapters print
+
+A chapter imports these and never pastes them; a function here is importable, so a spawned rank
+(NCCL on GPUs) finds it too.
+"""
+from ds_lab.lab.measure import (ConstructionProbe, WholeParameterProbe, bucket_sizes, census_since,
+                                own_parameter_counts, padded, padded_sizes, tensor_census)
+from ds_lab.lab.tables import STATES, model_states, states_table, states_vs_formula_table
+from ds_lab.lab.workers import data_parallel_train, global_losses, rows_of, zero_train
+
+__all__ = ["ConstructionProbe", "WholeParameterProbe", "bucket_sizes", "own_parameter_counts", "padded", "padded_sizes",
+           "tensor_census", "census_since", "STATES", "model_states", "states_table", "states_vs_formula_table",
+           "data_parallel_train", "global_losses", "rows_of", "zero_train"]

@@ -1,0 +1,694 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3 · ZeRO: partitioning the model states
+#
+# *Source article §2.2, §3.1, §3.2 and §4.3. Skeleton: Goal · The idea · Run it · Measure ·
+# Compare with theory · Exercises · Summary.*
+#
+# ## Goal
+#
+# Chapter 2 ended with every data-parallel rank holding all 16Ψ bytes of model states. By the end
+# of this chapter you can say what each ZeRO stage takes off a rank: how many bytes, which
+# collectives replace the all-reduce, and what that costs on the wire. You will have measured all
+# three stages on real processes against the paper's formulas. You will also know how to build a
+# model that never exists whole on any rank (`zero.Init`), and how to look at or change a
+# partitioned weight (`GatheredParameters`).
+
+# %% [markdown]
+# ## The idea
+#
+# ZeRO ("Zero Redundancy Optimizer", Rajbhandari et al. 2019) starts from one observation. In data
+# parallelism the N ranks hold N identical copies of the model states, and they all do the same
+# optimizer step on them. The optimizer states are used by nothing else, so each rank could keep
+# and update just **1/N** of them. The same goes, with more communication, for the gradients and
+# the weights: each rank keeps 1/N of a state, and the ranks pass the pieces around only when
+# they are needed. In mixed precision with Adam (chapter 1), Ψ parameters cost 2Ψ (bf16
+# weights) + 2Ψ (bf16 gradients) + KΨ, where K = 12 is the fp32 master weights, Adam's *m* and
+# Adam's *v* (4 bytes each). Each stage partitions one more of the three:
+#
+# | stage | partitioned over N ranks | bytes per rank | Ψ = 7.5B, N = 64 (paper, Figure 1) |
+# |---|---|---|---|
+# | 0 (data parallel) | nothing | 2Ψ + 2Ψ + 12Ψ = 16Ψ | 120 GB |
+# | 1 ($P_{os}$) | optimizer states (master, *m*, *v*) | 2Ψ + 2Ψ + 12Ψ/N | 31.4 GB |
+# | 2 ($P_{os+g}$) | + gradients | 2Ψ + (2 + 12)Ψ/N | 16.6 GB |
+# | 3 ($P_{os+g+p}$) | + parameters | (2 + 2 + 12)Ψ/N = 16Ψ/N | 1.9 GB |
+#
+# The stages are cumulative: stage 2 also partitions the optimizer states, and stage 3 also
+# partitions the gradients. As N grows, stage 1 tends to 4Ψ (a 4× cut) and stage 2 to 2Ψ (8×).
+# Only stage 3 keeps falling with N.
+#
+# **What crosses the wire.** An all-reduce *is* a reduce-scatter followed by an all-gather; with
+# the ring algorithm each of the two sends (N−1)/N of the message per rank. ZeRO splits the
+# all-reduce into its two halves and puts the optimizer step between them:
+#
+# - **stages 1 and 2**: reduce-scatter the gradients, so rank *r* receives the average of
+#   *its* chunk only. Step the optimizer on that chunk. All-gather the updated chunks, so every
+#   rank again has the whole bf16 model. Per rank that is 2(N−1)/N × 2Ψ bytes, exactly what data
+#   parallelism's all-reduce sends. Memory saved at no extra traffic. (Stage 1 still accumulates
+#   the whole gradient locally; stage 2 frees each gradient bucket as soon as it is
+#   reduce-scattered.)
+# - **stage 3**: the whole parameters of a module exist only while that module runs. A forward
+#   pre-hook all-gathers its parameters, and a post-hook frees them. Backward needs them again,
+#   so they are all-gathered a second time. Then the gradients are reduce-scattered. After the
+#   step each rank simply keeps its updated chunk: no all-gather. That is 3(N−1)/N × 2Ψ, **1.5×**
+#   data parallelism (the paper's 3Ψ vs 2Ψ).
+#
+# > **Where the article is wrong or misleading**
+# >
+# > - §2.2 calls ZeRO "an optimizer". It is a way of *storing* any optimizer's state, partitioned
+# >   over the data-parallel ranks. Adam's arithmetic is unchanged, and we check below that every
+# >   stage trains to the same losses as plain data parallelism.
+# > - §2.2 says ZeRO removes "redundant gradient and parameter storage", and lists stage 2 as
+# >   partitioning the gradients and stage 3 the parameters, as if each stage did one thing. The
+# >   largest redundancy is the optimizer state (12 of the 16 bytes per parameter), which stage 1
+# >   removes. The stages are cumulative.
+# > - §4.3 says that with P GPUs stage 1 leaves each GPU "1/P of the optimizer states". True, but
+# >   the GPU still holds 4Ψ of weights and gradients, so its memory is 4Ψ + 12Ψ/P, and the cut is
+# >   at most 4×, not P×. The 12 includes the fp32 master copy of the weights, which the article
+# >   never mentions.
+# > - §3.2 lists parameters, then gradients, then optimizer states, the reverse of the stages. It
+# >   also says ZeRO "transmits only the necessary parameters, gradients and optimizer states,
+# >   avoiding redundant communication". ZeRO never sends optimizer states. Stages 1 and 2 send
+# >   exactly what data parallelism sends, and stage 3 sends 1.5× more. ZeRO buys memory with
+# >   (at most 1.5×) communication. It does not reduce communication.
+# > - §3.1's `engine.zero.Init(module=model)` after `initialize` is not how Init works. We run it
+# >   below, and fix it.
+
+# %%
+# %matplotlib inline
+import statistics
+
+import torch
+import matplotlib.pyplot as plt
+
+import ds_lab
+import ds_lab.zero
+from ds_lab import comm
+from ds_lab.data import DistributedLoader, corpus_tokens
+from ds_lab.lab import (STATES, ConstructionProbe, bucket_sizes, global_losses, model_states,
+                        own_parameter_counts, padded, padded_sizes, states_vs_formula_table, zero_train)
+from ds_lab.models import GPT, GPTConfig
+from ds_lab.monitor import Dashboard
+from ds_lab.zero import GatheredParameters
+from ds_lab.zero.estimate import (estimate_ledger, estimate_model_states, format_table, format_what_fits,
+                                  formula, what_fits)
+
+# A GPT of about 1.9M parameters. Untied: lm_head has its own matrix (why: see stage 3 below).
+MODEL = dict(n_layer=4, n_head=4, n_embd=192, block_size=64, tie_weights=False)
+WORLD = 4                  # data-parallel ranks, N
+GLOBAL_BATCH = 8           # sequences per optimizer step, 2 per rank
+STEPS = 4
+# reduce_bucket_size in elements (stages 0-2 reduce bucket by bucket). DeepSpeed's default, 5e8,
+# is larger than every model in this course: one bucket, nothing to overlap, nothing to free early
+# at stage 2. 100,000 cuts this model into about twenty buckets, as 5e8 cuts a model of billions.
+BUCKET = 100_000
+PSI = GPT(GPTConfig(**MODEL)).num_parameters()
+TAGS = ["grad_allreduce", "grad_reduce_scatter", "param_allgather"]  # the collectives ZeRO changes
+
+# Padding, predicted from the model: every partitioned unit is padded to a multiple of N. Stages
+# 1-2 partition gradient buckets, stage 3 each module's own parameters.
+BUCKETS = bucket_sizes(GPT(GPTConfig(**MODEL)), BUCKET)   # elements per bucket, in sending order
+PADDED = padded_sizes(GPT(GPTConfig(**MODEL)), WORLD)     # {module: its own parameters, padded}
+PSI_PADDED = {0: PSI, 1: sum(padded(b, WORLD) for b in BUCKETS), 3: sum(PADDED.values())}
+PSI_PADDED[2] = PSI_PADDED[1]
+
+# The global batches, drawn once: every run below trains on exactly these.
+loader = DistributedLoader(corpus_tokens(), MODEL["block_size"], GLOBAL_BATCH, seed=0)
+batches = [loader.batch(i)["input_ids"] for i in range(STEPS)]
+
+
+def traffic(stage, world_size=WORLD, precision="bf16"):
+    """Bytes one rank sends per optimizer step (ring algorithm). The message is all Ψ gradients or
+    all Ψ parameters in the model's dtype: stages 0-2 move it twice, (N-1)/N each time; stage 3 three times."""
+    message = (2 if precision == "bf16" else 4) * PSI
+    passes = 3 if stage == 3 else 2
+    return passes * (world_size - 1) / world_size * message
+
+
+def theory(stage, world_size=WORLD, precision="bf16"):
+    """What the paper says one rank holds and sends, for the dashboard (drawn beside the measurement)."""
+    memory = estimate_ledger(PSI, world_size, stage, precision)
+    memory.pop("total")
+    what = {0: "all-reduce", 3: "2 all-gathers + reduce-scatter"}.get(stage, "reduce-scatter + all-gather")
+    width = 2 if precision == "bf16" else 4
+    label = f"{what}, {3 if stage == 3 else 2}(N-1)/N x {width}Ψ"
+    return {"memory": memory, "comm": {"per_step_bytes": traffic(stage, world_size, precision), "label": label}}
+
+
+def config(stage, precision="bf16", **zero):
+    """The DeepSpeed config of every run: only the stage (and a few ZeRO keys) change."""
+    return {"train_batch_size": GLOBAL_BATCH,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "bf16": {"enabled": precision == "bf16"},
+            # persistence threshold 0: stage 3 partitions every parameter, even a LayerNorm's
+            # (DeepSpeed's default keeps tensors under 100,000 elements whole on every rank)
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET,
+                                  "stage3_param_persistence_threshold": 0, **zero}}
+
+
+print(f"Ψ = {PSI:,} parameters, N = {WORLD} ranks, global batch {GLOBAL_BATCH} x {MODEL['block_size']} tokens")
+print(f"{len(BUCKETS)} gradient buckets, {len(PADDED)} modules with parameters; padded Ψ: {PSI_PADDED}")
+
+
+# %% [markdown]
+# ## Run it
+#
+# One worker runs every stage: `ds_lab.lab.zero_train` (read it in `ds_lab/lab/workers.py`). It
+# builds the GPT (the same seed on every rank), wraps it with `ds_lab.initialize`, and trains
+# `STEPS` optimizer steps on the same global batches. Only `zero_optimization.stage` changes from
+# run to run. The worker records, per step, which collectives ran (`ds_lab.comm` tags each
+# record: `grad_allreduce`, `grad_reduce_scatter`, `param_allgather`), the size of each message
+# and the bytes each rank sent. At the end it reads the engine's memory ledger, which counts the
+# tensors the engine holds, each storage once, and it takes a **census**: every bf16 and fp32
+# tensor alive in the rank's process, found by the garbage collector, whether the engine knows
+# about it or not.
+#
+# Each run has its own dashboard. Its memory panel draws each rank's bytes (solid) beside
+# `estimate_ledger(Ψ, N, stage)` (hatched), and its comm panel draws the bytes sent beside the
+# theory's bytes per step (dashed) times the steps run. Watch the memory bars shrink from stage
+# to stage. In the comm panel, the `broadcast` above the dashed line is sent once, at start-up:
+# `initialize` broadcasts rank 0's fp32 weights (4Ψ) so that every rank starts from the same
+# model.
+
+# %%
+runs = {}  # stage -> every rank's result (bf16)
+
+# %% [markdown]
+# ### Stage 0: plain data parallelism, the baseline
+#
+# What chapter 2 built: every rank holds all 16Ψ bytes, and the gradients are averaged by
+# bucketed all-reduces.
+
+# %%
+dash = Dashboard("Stage 0 (data parallel), 4 ranks, bf16", theory=theory(0))
+runs[0] = ds_lab.launch(zero_train, WORLD, config(0), batches, MODEL, dashboard=dash)
+
+# %% [markdown]
+# ### Stage 1: partition the optimizer states
+#
+# Each rank keeps the fp32 master weights and Adam's *m* and *v* for its own quarter of the
+# parameters (12Ψ/N). The all-reduce becomes a reduce-scatter of the gradients and an all-gather
+# of the updated bf16 weights.
+
+# %%
+dash = Dashboard("Stage 1 (optimizer states partitioned), 4 ranks, bf16", theory=theory(1))
+runs[1] = ds_lab.launch(zero_train, WORLD, config(1), batches, MODEL, dashboard=dash)
+
+# %% [markdown]
+# ### Stage 2: partition the gradients too
+#
+# The same collectives as stage 1. The difference is what happens to a gradient bucket once it has
+# been reduce-scattered: stage 2 frees it and keeps only this rank's averaged chunk (2Ψ/N).
+
+# %%
+dash = Dashboard("Stage 2 (+ gradients partitioned), 4 ranks, bf16", theory=theory(2))
+runs[2] = ds_lab.launch(zero_train, WORLD, config(2), batches, MODEL, dashboard=dash)
+
+# %% [markdown]
+# ### Stage 3: partition the parameters too
+#
+# Now even the bf16 weights are chunks: 16Ψ/N in all. Every module with parameters is one *unit*.
+# It is all-gathered just before its forward and freed right after. It is gathered again just
+# before its backward, and its gradients are reduce-scattered as soon as they exist.
+#
+# The model is **untied** (`tie_weights=False`). With tied weights `lm_head` reuses the token
+# embedding's matrix, so the unit that holds it is gathered by two modules, once for the
+# embedding and once for the head, in forward and again in backward. That costs one extra gather
+# of the embedding each way, and the traffic is then a little more than 1.5×.
+
+# %%
+dash = Dashboard("Stage 3 (+ parameters partitioned), 4 ranks, bf16", theory=theory(3))
+runs[3] = ds_lab.launch(zero_train, WORLD, config(3), batches, MODEL, dashboard=dash)
+
+# %% [markdown]
+# ### zero.Init: never build the whole model
+#
+# Stage 3 keeps 16Ψ/N bytes per rank *while training*. But in the runs above every rank first
+# built the whole GPT in fp32 (4Ψ bytes) and only then handed it to the engine to cut up. For a
+# model that doesn't fit on one GPU, that first step already fails. `zero.Init` is a context
+# manager. Every module built inside it is partitioned **the moment its own `__init__`
+# returns**: rank 0's freshly initialized values are broadcast, each rank keeps its chunk, and
+# `param.data` becomes an empty tensor. At any moment the whole values of only one module exist.
+#
+# First, the article's §3.1 code. It calls Init on a model that already exists, after
+# `initialize` (the worker tries it when `article_call=True`):
+#
+# ```python
+# engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, ...)
+# engine.zero.Init(module=model)      # article §3.1
+# ```
+#
+# `engine.zero` is not the `zero` package. In ds_lab it is the engine's ZeRO optimizer, or
+# `None` without ZeRO. In DeepSpeed, `zero` is the package `deepspeed.zero`, not an attribute of
+# the engine. So the line fails
+# with an `AttributeError`; we print what happened below. The call the article probably meant, `zero.Init(module=model)`, exists in
+# DeepSpeed. There it converts an *already built* model to partitioned parameters, which is what
+# DeepSpeed's stage-3 engine does by itself anyway, and it saves nothing, because the whole model
+# has already been built on every rank. ds_lab refuses it and says what to write instead:
+
+# %%
+try:
+    ds_lab.zero.Init(module=GPT(GPTConfig(**MODEL)))
+except TypeError as err:
+    init_error = str(err)
+    print(f"TypeError: {err}")
+
+# %% [markdown]
+# The right way: build the model *inside* the context, before `initialize`:
+#
+# ```python
+# with ds_lab.zero.Init():                 # deepspeed.zero.Init(config_dict_or_path=...) in DeepSpeed
+#     model = GPT(GPTConfig(**MODEL))      # each module partitioned as soon as it is built
+# engine, *_ = ds_lab.initialize(model=model, config={..., "zero_optimization": {"stage": 3}})
+# ```
+#
+# The worker does exactly that when `use_init=True`. To see what construction costs without asking
+# Init, rank 0 samples the census of fp32 tensors each time a module registers a parameter
+# (`ds_lab.lab.ConstructionProbe`). We also turn stage 3's **prefetch** off
+# (`stage3_prefetch_bucket_size: 0`). Prefetching starts the all-gather of the next modules
+# before they run, to hide the wait. That trades memory for speed, and the default budget of 50M
+# elements is larger than our whole model, so it would gather everything ahead of time. With
+# prefetch off we can see the minimum: the whole parameters of one module at a time.
+
+# %%
+dash = Dashboard("zero.Init: the model built partitioned, then ZeRO-3 (prefetch off), 4 ranks, bf16",
+                 theory=theory(3))
+init_run = ds_lab.launch(zero_train, WORLD, config(3, stage3_prefetch_bucket_size=0), batches, MODEL,
+                         use_init=True, article_call=True, dashboard=dash)
+
+# %%
+built = init_run[0]["built"]
+shape_now, real_shape = built["example"]
+print(f"after construction: the parameters hold {built['param_elements']} elements "
+      f"(their real shapes add up to Ψ = {built['real_elements']:,})")
+print(f"  e.g. lm_head.weight.shape = {shape_now}, its real shape {real_shape}")
+print(f"  rank 0 keeps {built['kept_bytes']:,} bytes of fp32 tensors (census): its chunks, 4Ψ/N; "
+      f"the whole model would be {4 * PSI:,}")
+
+# Each module's own parameters, from a model built the ordinary way (here in the notebook, no
+# ranks): Init pads each module's flat vector, and ZeRO-3 each unit, to a multiple of N.
+own = own_parameter_counts(GPT(GPTConfig(**MODEL)))
+largest_module = max(own, key=own.get)
+LARGEST_PADDED = PADDED[largest_module]
+with ConstructionProbe() as whole_build:   # the same census, sampled while building the whole model here
+    GPT(GPTConfig(**MODEL))
+print(f"construction peak (fp32 census, sampled at every parameter): {built['peak_bytes']:,} bytes under "
+      f"zero.Init, {whole_build.peak:,} built whole (4Ψ = {4 * PSI:,})")
+print(f"  one module whole, {largest_module} ({own[largest_module]:,} parameters): {4 * LARGEST_PADDED:,} bytes")
+
+r3, r3_init = runs[3][0], init_run[0]
+print(f"ZeRO-3 whole parameters in use (our own hooks): peak {r3_init['peak_whole']:,} bytes with prefetch off, "
+      f"{r3['peak_whole']:,} with the default prefetch; one module is {2 * LARGEST_PADDED:,} (bf16)")
+print(f"all-gathered before the first module had run (last step): prefetch off "
+      f"{r3_init['gathered_by_first_module'][-1]:,} bytes, default prefetch {r3['gathered_by_first_module'][-1]:,}"
+      f" (the whole model, 2Ψ = {2 * PSI:,})")
+print(f"\nthe article's `engine.zero.Init(module=model)` after initialize: {r3_init['article_call']}")
+
+
+# %% [markdown]
+# Built whole, the model's fp32 tensors reach 4Ψ; under Init the samples stay at the chunks kept
+# so far (at most 4Ψ/N) plus the module being built. The samples fall between parameters, so
+# they miss one moment: when a module is done, Init holds its flat vector beside its fresh
+# tensors, about one module more. Still one module, not the model. Our own hooks tell the same
+# story while training: only the running module's parameters are whole. With the default
+# prefetch budget (50M elements, more than this model), the engine starts gathering every module
+# when the first one runs. Those buffers are not parameters yet, so our hooks don't count them,
+# but the comm log shows them requested. Training then goes on as usual from the partitioned
+# model. The assertions check that its losses are exactly those of the stage-3 run that built the
+# model whole.
+#
+# ### GatheredParameters: look at, or change, a partitioned weight
+#
+# Under stage 3 a parameter outside its module's forward is an empty tensor. To read it, or to
+# change it (load a pretrained row, re-initialize a layer), gather it for the duration of a
+# block. With `modifier_rank=r`, rank *r*'s values are broadcast on exit and partitioned again,
+# and the fp32 master chunks follow. Without it, the block is read-only: changes are thrown
+# away.
+
+# %%
+def gathered_parameters_demo():
+    """Runs on every rank: rank 0 changes one row of lm_head.weight; every rank sees it."""
+    rank = comm.get_rank()
+    torch.manual_seed(0)
+    engine, _, _, _ = ds_lab.initialize(model=GPT(GPTConfig(**MODEL)), config=config(3))
+    weight = engine.module.lm_head.weight
+    out = dict(outside=tuple(weight.shape))
+    with GatheredParameters(weight, modifier_rank=0):
+        out["inside"] = tuple(weight.shape)
+        if rank == 0:
+            with torch.no_grad():
+                weight[0].fill_(1.0)           # changed on rank 0 only: broadcast on exit
+    with GatheredParameters(weight):           # no modifier_rank: look, and any change is dropped
+        out["row0"] = weight[0].float().clone()
+        out["row1_before"] = weight[1].float().clone()
+        if rank == 1:
+            with torch.no_grad():
+                weight[1].fill_(1.0)
+    with GatheredParameters(weight):
+        out["row1_after"] = weight[1].float().clone()
+    out["master_row0"] = engine.zero.full_state_dict()["lm_head.weight"][0]  # the fp32 master followed
+    out["after"] = tuple(weight.shape)
+    return out
+
+
+gathered = ds_lab.launch(gathered_parameters_demo, WORLD)
+for rank, r in enumerate(gathered):
+    print(f"rank {rank}: shape outside {r['outside']}, inside {r['inside']}, after {r['after']}; "
+          f"row 0 = {r['row0'].unique().tolist()}, fp32 master row 0 = {r['master_row0'].unique().tolist()}; "
+          f"rank 1's change kept: {torch.equal(r['row1_after'], torch.ones_like(r['row1_after']))}")
+
+
+# %% [markdown]
+# ## Measure
+#
+# ### Memory per rank
+#
+# The ledger of rank 0 after the last step (all ranks hold the same bytes: every rank's chunk has
+# the same size), beside `estimate_ledger`. In each stage's second row, `formula` is the paper's
+# expression (`ds_lab.zero.estimate.formula(stage)`).
+
+# %%
+def states(run):
+    return model_states(run["memory"])
+
+
+rows = {stage: (states(results[0]), estimate_ledger(PSI, WORLD, stage, "bf16"), formula(stage))
+        for stage, results in runs.items()}
+print(states_vs_formula_table(rows, PSI, f"model states per rank, bytes (Ψ = {PSI:,}, N = {WORLD}, bf16)"))
+print("\ncensus of rank 0 (bytes by dtype)  vs  formula: bf16 = params + grads, fp32 = master + Adam")
+for stage, results in runs.items():
+    expected = estimate_ledger(PSI_PADDED[stage], WORLD, stage, "bf16")
+    print(f"stage {stage}: {results[0]['census']}   formula: bf16 {expected['params'] + expected['grads']:,}, "
+          f"fp32 {expected['master_params'] + expected['optimizer_states']:,}")
+
+from ds_lab.monitor.plots import MEMORY_COLORS as colors  # the dashboard's colours
+
+fig, ax = plt.subplots(figsize=(8, 3.8))
+for stage, results in runs.items():
+    measured, expected = states(results[0]), estimate_ledger(PSI, WORLD, stage, "bf16")
+    bottom_m = bottom_f = 0
+    for c in STATES:
+        ax.bar(stage - 0.2, measured[c] / 2**20, 0.38, bottom=bottom_m, color=colors[c],
+               label=c if stage == 0 else None)
+        ax.bar(stage + 0.2, expected[c] / 2**20, 0.38, bottom=bottom_f, facecolor=colors[c], alpha=0.35,
+               edgecolor=colors[c], hatch="//")
+        bottom_m, bottom_f = bottom_m + measured[c] / 2**20, bottom_f + expected[c] / 2**20
+    ax.text(stage + 0.2, bottom_f, formula(stage), ha="center", va="bottom", fontsize=7, style="italic")
+ax.set_xticks(range(4), [f"stage {s}\nmeasured | formula" for s in range(4)], fontsize=8)
+ax.set(ylabel="model states per rank (MiB)", title=f"Each stage partitions one more state (N = {WORLD})")
+ax.legend(fontsize=8, frameon=False)
+plt.show()
+
+
+# %% [markdown]
+# The ledger, the census and the formula agree to the byte. The only possible difference is
+# padding: every unit is padded to a multiple of N elements, so a rank can hold up to N−1 extra
+# elements per unit, and the formula then holds for the padded Ψ. Here every bucket and every
+# module happens to divide by 4, so the padded Ψ is Ψ (the assertions use the padded Ψ anyway:
+# change `MODEL` and they still hold to the byte). At N = 4, stage 1 keeps 7Ψ (16 → 4 + 12/4),
+# stage 2 keeps 5.5Ψ, and stage 3 keeps exactly 4Ψ = 16Ψ/N.
+#
+# ### Traffic and time per step
+#
+# The collectives of the last step on rank 0. "wire" is the bytes one rank sends under the ring
+# algorithm (`CommRecord.wire_bytes` = message bytes × (N−1)/N for a reduce-scatter or
+# all-gather, 2(N−1)/N for an all-reduce). gloo does not report what it sends, so that factor is
+# applied by `ds_lab.comm`; what is measured is each message, the tensor handed to the
+# collective, and the assertions check those. Step times are the median over steps 2 to 4.
+
+# %%
+def median_ms(results):
+    return 1e3 * statistics.median(results[0]["step_seconds"][1:])  # skip the first (warm-up) step
+
+
+wire = {stage: sum(results[0]["wire"][-1].values()) for stage, results in runs.items()}
+print(f"{'stage':<7}{'collectives per step (calls)':<58}{'wire bytes':>12}{'/ stage 0':>10}"
+      f"{'formula':>12}{'step (ms)':>11}")
+for stage, results in runs.items():
+    calls = ", ".join(f"{tag} {n}" for tag, n in results[0]["calls"][-1].items() if n)
+    print(f"{stage:<7}{calls:<58}{wire[stage]:>12,.0f}{wire[stage] / wire[0]:>10.3f}"
+          f"{traffic(stage):>12,.0f}{median_ms(results):>11.1f}")
+
+by_tag = r3["wire"][-1]
+print(f"\nstage 3: {len(PADDED)} units (one per module with parameters); per step "
+      f"{r3['calls'][-1]['param_allgather']} all-gathers = 2 x {len(PADDED)} (forward and backward), "
+      f"{r3['calls'][-1]['grad_reduce_scatter']} reduce-scatters")
+print(f"  all-gather {by_tag['param_allgather']:,.0f} B = 2 x (N-1)/N x 2Ψ,   "
+      f"reduce-scatter {by_tag['grad_reduce_scatter']:,.0f} B = (N-1)/N x 2Ψ")
+
+# %% [markdown]
+# - **Stages 1 and 2 send exactly what stage 0 sends**: one reduce-scatter and one all-gather per
+#   bucket instead of one all-reduce. Same bytes, 12Ψ/N or 14Ψ/N instead of 12Ψ or 14Ψ of memory.
+# - **Stage 3 sends 1.5×**: each module's parameters are gathered twice, once in forward and once
+#   in backward, and nothing is gathered after the step.
+# - **Step times** on this machine: gloo, 4 ranks on 2 shared CPU cores, tiny messages. They move
+#   by tens of percent from run to run, so don't read much into stages 0 to 2. Stage 3 issues
+#   one collective per module per pass, so its fixed per-call cost shows. On GPUs with NCCL the
+#   gathers overlap with compute (that is what prefetch is for). Timings are reported here, never
+#   asserted.
+# - **Stage 3's live parameters.** With the default prefetch budget the whole model was requested
+#   at once, as soon as the first module ran (2Ψ bytes, because our model is smaller than the
+#   budget). With prefetch off (the zero.Init run) only the running module was gathered. `stage3_prefetch_bucket_size` is the knob
+#   between the two. DeepSpeed also caps the total with `stage3_max_live_parameters`, which
+#   ds_lab accepts but does not enforce yet.
+#
+# ## Compare with theory
+#
+# ### Same losses at every stage
+#
+# Partitioning changes *where* the states live, not the arithmetic. Every stage trains on the
+# same global batches from the same weights, so the losses should match stage 0's. The losses
+# above are bf16 numbers (8 significant bits), which can only tell us so much:
+
+# %%
+bf16_losses = {stage: global_losses(results) for stage, results in runs.items()}
+bf16_diff = {stage: max(abs(a - b) / abs(b) for a, b in zip(bf16_losses[stage], bf16_losses[0]))
+             for stage in runs}
+for stage in runs:
+    print(f"stage {stage}: losses {[round(x, 4) for x in bf16_losses[stage]]}   "
+          f"max relative difference to stage 0: {bf16_diff[stage]:.1e}")
+print(f"zero.Init + stage 3:  {[round(x, 4) for x in global_losses(init_run)]}")
+
+# %% [markdown]
+# For a sharp check we run the four stages again in **fp32**, where data parallelism already
+# matched one process to 10⁻⁵ (chapter 2). Note the memory panels: in fp32 the paper's
+# formula has no master copy (K = 8: *m* and *v*), but ds_lab, like DeepSpeed, runs the optimizer
+# on a separate flat fp32 copy of the rank's chunk even when the model itself is fp32, at stages 1
+# and 2, where the whole fp32 parameters stay on every rank. Those stages therefore hold 4Ψ/N
+# bytes more `master_params` than the hatched bar. At stage 3 the rank's parameter chunk *is* its
+# master chunk (nothing else of the parameters is kept), so the bar meets the formula, 16Ψ/N.
+
+# %%
+fp32_runs = {}
+for stage in range(4):
+    dash = Dashboard(f"Stage {stage}, fp32, 4 ranks: the equivalence run", theory=theory(stage, precision="fp32"))
+    fp32_runs[stage] = ds_lab.launch(zero_train, WORLD, config(stage, "fp32"), batches, MODEL, dashboard=dash)
+
+# %%
+fp32_losses = {stage: global_losses(results) for stage, results in fp32_runs.items()}
+fp32_diff = {stage: max(abs(a - b) / abs(b) for a, b in zip(fp32_losses[stage], fp32_losses[0]))
+             for stage in fp32_runs}
+for stage in fp32_runs:
+    print(f"stage {stage}: {[f'{x:.6f}' for x in fp32_losses[stage]]}   max relative difference to stage 0: "
+          f"{fp32_diff[stage]:.1e}")
+
+fig, ax = plt.subplots(figsize=(7, 3.2))
+for stage, losses in fp32_losses.items():
+    ax.plot(range(STEPS), losses, "o-" if stage == 0 else "x--", lw=4 if stage == 0 else 1.5,
+            alpha=0.4 if stage == 0 else 1, label=f"stage {stage}")
+ax.set(xlabel="optimizer step", ylabel="loss (global batch)", title="fp32: every stage, the same trajectory")
+ax.grid(alpha=0.3)
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ### The estimator: the paper's Figure 1, and what fits on your GPU
+#
+# We measured the formula on a 1.9M-parameter model, so we can trust it where we can't run it.
+# `format_table` prints the paper's Figure 1: Ψ = 7.5B on N = 64 GPUs (GB = 10⁹ bytes, as in the
+# paper).
+
+# %%
+print(format_table(7.5e9, world_size=64))
+FIGURE_1 = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.9}   # GB per GPU, as printed in the paper
+figure_1 = {stage: estimate_model_states(7.5e9, 64, stage)["total"] / 1e9 for stage in range(4)}
+print("\n" + ", ".join(f"stage {s}: {figure_1[s]:.3f} GB (paper {FIGURE_1[s]})" for s in range(4)))
+
+# %% [markdown]
+# Turned around: the largest model whose model states fit in 80 GB per GPU, at 8 GPUs (one node)
+# and at 64. Activations, communication buffers and fragmentation need room too, so read these as
+# upper bounds.
+
+# %%
+for world_size in (8, 64):
+    print(format_what_fits(80e9, world_size=world_size))
+fits = {n: what_fits(80e9, world_size=n) for n in (8, 64, 1024)}
+print(f"\nstage 1 tends to 80 GB / 4 B = 20B and stage 2 to 80 GB / 2 B = 40B as N grows;"
+      f" stage 3 grows with N: {fits[1024][3] / 1e12:.1f}T parameters on 1024 GPUs")
+
+# %% [markdown]
+# ### Assertions: measured vs theory
+
+# %%
+# Model states per rank equal the paper's formula to the byte, at every stage and on every rank,
+# with Ψ padded as each unit is (to a multiple of N; PSI_PADDED, predicted from the model).
+# Measured twice: the engine's ledger by category, and the census of the rank's tensors by dtype
+# (bf16 = weights + gradients, fp32 = master + Adam m, v), which does not ask the engine.
+for stage, results in runs.items():
+    expected = estimate_ledger(PSI_PADDED[stage], WORLD, stage, "bf16")
+    for r in results:
+        assert r["num_parameters"] == PSI
+        assert states(r) == {c: expected[c] for c in STATES}, (stage, states(r), expected)
+        assert r["census"] == {"bfloat16": expected["params"] + expected["grads"],
+                               "float32": expected["master_params"] + expected["optimizer_states"]}, (stage, r["census"])
+# ... and they shrink: 16Ψ > 4Ψ + 12Ψ/N > 2Ψ + 14Ψ/N > 16Ψ/N
+totals = [sum(states(runs[s][0]).values()) for s in range(4)]
+assert totals == sorted(totals, reverse=True) and totals[0] == 16 * PSI
+print("model states per rank / Ψ:", [round(t / PSI, 3) for t in totals])
+
+# %%
+# Traffic per step, from the messages handed to each collective (bf16, so 2 bytes per element),
+# against the model's sizes: stage 0 all-reduces every bucket (2Ψ in all); stages 1 and 2
+# reduce-scatter and then all-gather every padded bucket (2Ψ_p each); stage 3 all-gathers every
+# padded module twice, in forward and in backward (2 x 2Ψ_p), and reduce-scatters it once (2Ψ_p).
+# On every rank and every step.
+expected_messages = {
+    0: dict(grad_allreduce=[2 * b for b in BUCKETS], grad_reduce_scatter=[], param_allgather=[]),
+    1: dict(grad_allreduce=[], grad_reduce_scatter=[2 * padded(b, WORLD) for b in BUCKETS],
+            param_allgather=[2 * padded(b, WORLD) for b in BUCKETS]),
+    3: dict(grad_allreduce=[], grad_reduce_scatter=2 * PSI_PADDED[3], param_allgather=2 * 2 * PSI_PADDED[3]),
+}
+expected_messages[2] = expected_messages[1]
+for stage, results in runs.items():
+    for r in results:
+        for step in r["messages"]:
+            if stage == 3:  # one message per module and pass; their order follows the hooks
+                assert sorted(step["grad_reduce_scatter"]) == sorted(2 * n for n in PADDED.values())
+                step = {tag: sum(sizes) for tag, sizes in step.items()}
+                assert step == {"grad_allreduce": 0, **{k: v for k, v in expected_messages[3].items() if v}}, step
+            else:
+                assert step == expected_messages[stage], (stage, step)
+# So, with the ring algorithm's (N-1)/N per reduce-scatter or all-gather and 2(N-1)/N per
+# all-reduce, stages 1 and 2 send what stage 0 sends (2Ψ_p = 2Ψ here) and stage 3 sends 1.5x.
+assert PSI_PADDED == {0: PSI, 1: PSI, 2: PSI, 3: PSI}   # no padding in this model: exactly 1 and 1.5
+assert wire[1] == wire[2] == wire[0] == traffic(0) and wire[3] == 1.5 * wire[0]
+print(f"wire bytes per step / stage 0: {[round(wire[s] / wire[0], 4) for s in range(4)]}")
+
+# %%
+# Same losses at every stage. bf16: the first step's loss is bit-identical (same bf16 weights, same
+# forward), and later steps agree within one bf16 rounding step, 2**-7 relative (bf16 keeps 8
+# significant bits; reductions in a different order may round differently). fp32: within 1e-5.
+BF16_TOLERANCE = 2 ** -7
+for stage in runs:
+    assert bf16_losses[stage][0] == bf16_losses[0][0]
+    assert bf16_diff[stage] <= BF16_TOLERANCE, (stage, bf16_diff[stage])
+    assert fp32_diff[stage] <= 1e-5, (stage, fp32_diff[stage])
+# fp32 memory, by the census (every tensor is fp32 now): the paper's fp32 formula to the byte,
+# plus the flat fp32 master copy of the chunk (4Ψ_p/N) at stages 1 and 2 (at stage 3 the
+# parameter chunk is the master chunk)
+for stage, results in fp32_runs.items():
+    expected = estimate_ledger(PSI_PADDED[stage], WORLD, stage, "fp32")["total"]
+    expected += 4 * PSI_PADDED[stage] // WORLD if stage in (1, 2) else 0
+    for r in results:
+        assert r["census"] == {"float32": expected}, (stage, r["census"], expected)
+print(f"largest relative loss difference to stage 0: bf16 {max(bf16_diff.values()):.1e} "
+      f"(tolerance {BF16_TOLERANCE:.1e}), fp32 {max(fp32_diff.values()):.1e} (tolerance 1e-5)")
+
+# %%
+# zero.Init: after construction the parameters hold nothing, and the census of rank 0 finds its
+# chunks only: 4Ψ_p/N bytes of fp32, to the byte (each module padded to a multiple of N). While
+# the model was built, the census never held more than those chunks plus one whole module (the
+# largest, padded); built whole, it reaches 4Ψ.
+built = init_run[0]["built"]
+assert built["param_elements"] == 0 and built["real_elements"] == PSI
+assert built["kept_bytes"] == 4 * PSI_PADDED[3] // WORLD, built
+assert built["peak_bytes"] <= 4 * PSI_PADDED[3] // WORLD + 4 * LARGEST_PADDED < 4 * PSI / 3, built
+assert whole_build.peak == 4 * PSI, whole_build.peak
+# the model built partitioned trains exactly like the one built whole (same bf16 losses, every rank)
+assert [r["losses"] for r in init_run] == [r["losses"] for r in runs[3]]
+# While training, our hooks saw the whole parameters of one module at a time: at most the largest
+# module, padded, in bf16, whether prefetch is on or off (a prefetched module is not yet a parameter).
+assert all(r["peak_whole"] == 2 * LARGEST_PADDED for r in init_run + runs[3]), [r["peak_whole"] for r in init_run]
+# Prefetch: with it off, only the first module's own unit is requested before that module has run.
+# With the default budget (50M elements, more than the model) the whole model is, 2Ψ_p bytes, from
+# the second step on (the first step records the order the modules run in).
+first = 2 * PADDED[next(iter(PADDED))]   # the token embedding, the first module forward runs
+assert all(r["gathered_by_first_module"] == [first] * STEPS for r in init_run)
+assert all(r["gathered_by_first_module"] == [first] + [2 * PSI_PADDED[3]] * (STEPS - 1) for r in runs[3])
+# the article's call fails; ds_lab's refusal names the right usage
+assert init_run[0]["article_call"].startswith("AttributeError")
+assert "Build the model inside" in init_error
+# GatheredParameters(modifier_rank=0): rank 0's change reaches every rank and the fp32 master;
+# a change made without modifier_rank is dropped
+for r in gathered:
+    assert r["outside"] == r["after"] == (0,)
+    assert r["inside"] == (GPTConfig(**MODEL).vocab_size, MODEL["n_embd"])
+    assert torch.all(r["row0"] == 1.0) and torch.all(r["master_row0"] == 1.0)
+    assert torch.equal(r["row1_after"], r["row1_before"]) and not torch.all(r["row1_after"] == 1.0)
+print(f"construction peak {built['peak_bytes']:,} bytes under Init vs {whole_build.peak:,} built whole; "
+      f"whole parameters in use at once: {init_run[0]['peak_whole']:,} bytes")
+
+# %%
+# The estimator reproduces the paper's Figure 1 (Ψ = 7.5B, N = 64): 120, 31.4, 16.6, 1.9 GB.
+assert {stage: round(gb, 1) for stage, gb in figure_1.items()} == FIGURE_1
+# What fits in 80 GB: stage 0 is N-independent (5B); stages 1 and 2 approach 20B and 40B; stage 3 grows with N.
+assert fits[8][0] == fits[64][0] == 5e9
+assert fits[8][1] < fits[64][1] < 20e9 and fits[8][2] < fits[64][2] < 40e9
+assert abs(fits[64][3] / fits[8][3] - 8) < 1e-6   # 16Ψ/N per rank: 8x the ranks, 8x the model
+assert fits[1024][3] >= 5e12 and all(fits[n][0] < fits[n][1] < fits[n][2] < fits[n][3] for n in (8, 64, 1024))
+print({n: {s: f"{p / 1e9:.1f}B" for s, p in f.items()} for n, f in fits.items()})
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Tied weights.** Set `tie_weights=True` in `MODEL` (Ψ drops by 256 × 192). Predict stage 3's
+#    traffic ratio to stage 0 before you run it: the embedding's unit is gathered by two modules
+#    in forward and again in backward. Which collective gains how many bytes?
+# 2. **Persistence threshold.** Run stage 3 with DeepSpeed's default
+#    `stage3_param_persistence_threshold` of 100,000 elements. Which units stay whole on every
+#    rank, by how much does `params` per rank grow, and what happens to the all-gathers after the
+#    step?
+# 3. **Gradient accumulation.** Use 2 accumulation steps (micro batch 1; give the worker a loop
+#    over micro-batches, as in chapter 2). ds_lab, like DeepSpeed, reduce-scatters at *every*
+#    micro-step in stages 2 and 3 (they keep no full gradient to accumulate into), but only at
+#    the boundary in stages 0 and 1. Predict each stage's bytes per optimizer step, then measure
+#    them.
+# 4. **Prefetch.** Run stage 3 with `stage3_prefetch_bucket_size` of 0, 150,000 and the default,
+#    and compare `peak_live` with the size of one module and of the whole model. Is the budget a
+#    bound on what is gathered at once? (Read `_prefetch` in `ds_lab/zero/stage3.py`.)
+# 5. **DeepSpeed's own estimator.** Call
+#    `ds_lab.zero.estimate.estimate_zero3_model_states_mem_needs_all_cold(7.5e9, largest_layer_params=...,
+#    num_gpus_per_node=8, num_nodes=8)` for the Figure 1 model. Explain why its per-GPU number is
+#    higher than 1.9 GB: which extra buffers does it count?
+#
+# ## Summary
+#
+# - ZeRO removes the N-fold copies of the model states in data parallelism. We measured, byte for
+#   byte on 4 ranks, 16Ψ → 4Ψ + 12Ψ/N → 2Ψ + 14Ψ/N → 16Ψ/N per rank, as the paper says.
+# - Stages 1 and 2 replace the all-reduce with its two halves, a reduce-scatter and an all-gather,
+#   with the optimizer step in between: **the same bytes on the wire** as data parallelism.
+#   Stage 3 gathers each module's parameters in forward and again in backward: **1.5×**.
+# - Every stage trains to the same losses as data parallelism (bit-identical first step in
+#   bf16, within 10⁻⁵ in fp32): ZeRO changes where the states live, not the math.
+# - `zero.Init` builds a model already partitioned (one module whole at a time), so a model that
+#   doesn't fit on one GPU can still be built. `GatheredParameters` gathers a weight on purpose;
+#   `modifier_rank` makes a change stick. The article's `engine.zero.Init(module=model)` is neither.
+# - The estimator reproduces the paper's Figure 1 and answers "what fits": in 80 GB, stage 3 on
+#   1024 GPUs holds the model states of trillions of parameters.
+# - ZeRO does not split the *activations*, nor the work of one layer: every rank still runs the
+#   whole model on its micro-batch. Chapter 4 splits the layers themselves, with tensor and
+#   pipeline parallelism.
