@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ds_lab import comm
 from ds_lab.comm import init_distributed
-from ds_lab.config import ConfigError, DeepSpeedConfig
+from ds_lab.config import ConfigError, DeepSpeedConfig, check_client_optimizer, check_client_scheduler
 from ds_lab.launch import RankError, launch
 
 __version__ = "0.1.0"
@@ -52,6 +52,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     # the one grid every process group comes from: pipe x data x model (an mpu brings its own)
     grid = MpuGroups(mpu) if mpu is not None else ProcessGroups(ProcessTopology(data=comm.get_world_size()))
     ds_config = DeepSpeedConfig.from_any(_config_from(args, config, config_params), world_size=grid.size("data"))
+    check_client_optimizer(ds_config, optimizer)  # the client's wins, as in DeepSpeed: said, not silent
+    check_client_scheduler(ds_config, lr_scheduler)
     engine = DeepSpeedEngine(model, ds_config, grid, mode_builder(ds_config), optimizer=optimizer,
                              model_parameters=model_parameters, lr_scheduler=lr_scheduler,
                              training_data=training_data, collate_fn=collate_fn, mpu=mpu)

@@ -100,11 +100,13 @@ def train_worker(config=None, model=None, steps=200, seed=0, progress=True, tty=
 
 
 def format_memory(results) -> str:
+    """Steady bytes by category (after a step), model states per parameter, and the step's peak:
+    the most the five categories held at once inside backward and the optimizer step."""
     cats = ["params", "grads", "master_params", "optimizer_states", "buffers", "activations_peak"]
-    lines = [f"{'rank':<6}" + "".join(f"{c:>18}" for c in cats) + f"{'model states/Ψ':>16}"]
+    lines = [f"{'rank':<6}" + "".join(f"{c:>18}" for c in cats) + f"{'model states/Ψ':>16}{'step peak':>16}"]
     for r in results:
         m = r["memory"]
         states = m["params"] + m["grads"] + m["master_params"] + m["optimizer_states"]
         lines.append(f"{r['rank']:<6}" + "".join(f"{m[c]:>18,}" for c in cats)
-                     + f"{states / r['num_parameters']:>15.2f}B")
+                     + f"{states / r['num_parameters']:>15.2f}B{m.get('peak', {}).get('total', 0):>16,}")
     return "\n".join(lines)

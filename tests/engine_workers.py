@@ -201,3 +201,23 @@ def peak_worker(config, batches, model=None):
         train_step(engine, b)
     units = [(u.numel, u.padded, u.chunk) for u in engine.zero.units] if engine.zero else []
     return dict(report=engine.memory_report(), psi=engine.num_parameters(), units=units)
+
+
+class _SeesDtype(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x, extra=None):
+        self.seen = (x.dtype, None if extra is None else extra.dtype)
+        return self.linear(x.to(self.linear.weight.dtype)).float().mean()
+
+
+def auto_cast_worker(auto_cast):
+    """fp16.auto_cast: the floating positional inputs reach forward as fp16; keywords do not."""
+    model = _SeesDtype()
+    cfg = {"train_batch_size": 1, "fp16": {"enabled": True, "auto_cast": auto_cast},
+           "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+    engine, *_ = ds_lab.initialize(model=model, config=cfg)
+    engine.backward(engine(torch.ones(2, 4), extra=torch.ones(2)))
+    return [str(d) for d in model.seen]

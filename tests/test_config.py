@@ -386,12 +386,6 @@ def test_zero_values_ds_lab_cannot_honour_are_errors_and_unenforced_keys_warn():
 
 # ---------------------------------------------------------------- nothing silently ignored
 
-def test_fp16_auto_cast_true_is_refused_until_the_engine_casts_inputs():
-    assert "fp16.auto_cast: true is not supported by ds_lab yet" in \
-        error_of({**BATCH, "fp16": {"enabled": True, "auto_cast": True}})
-    assert parse(fp16={"enabled": True, "auto_cast": False}).fp16.auto_cast is False
-
-
 def test_a_client_optimizer_overrides_the_configs_optimizer_as_in_deepspeed_and_says_so():
     from ds_lab.config import check_client_optimizer
 

@@ -153,3 +153,8 @@ def test_a_stage_1_or_2_checkpoint_continues_at_stage_3(saved_stage, batches, tm
 def test_initialize_again_on_the_same_model_takes_it_over(first, second, batches):
     r = ds_lab.launch(ew.reinitialize_worker, 2, config(first), config(second), batches)[0]
     assert r["again"] == pytest.approx(r["expected"], rel=1e-6)
+
+
+def test_fp16_auto_cast_casts_positional_float_inputs_as_deepspeed():
+    assert ds_lab.launch(ew.auto_cast_worker, 1, True)[0] == ["torch.float16", "torch.float32"]
+    assert ds_lab.launch(ew.auto_cast_worker, 1, False)[0] == ["torch.float32", "torch.float32"]

@@ -77,7 +77,7 @@ from ds_lab.config.optimizer import (ADAM_PARAM_DEFAULTS, SCHEDULES, SUPPORTED_O
 from ds_lab.config.sections import (_BF16_CHECKERS, _COMMS_LOGGER_CHECKERS, _DEEPSPEED_BF16_KEYS,
                                     _DEEPSPEED_FP16_KEYS, _DEEPSPEED_TOP_LEVEL_KEYS, _DEEPSPEED_ZERO_KEYS,
                                     _FP16_CHECKERS, _MONITOR_CHECKERS, _ZERO_CHECKERS, BF16Config, CommsLoggerConfig,
-                                    FP16Config, MonitorConfig, ZeroConfig, _check_fp16_semantics,
+                                    FP16Config, MonitorConfig, ZeroConfig,
                                     _check_zero_semantics)
 
 __all__ = ["ConfigError", "DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "FP16Config", "BF16Config",
@@ -168,7 +168,6 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
     _check_keys(raw, _TOP_LEVEL_KEYS, _DEEPSPEED_TOP_LEVEL_KEYS)
     train, micro, accumulation = _resolve_batch_sizes(raw, world_size)
     fp16 = _build(FP16Config, _section(raw, "fp16"), "fp16", _FP16_CHECKERS, _DEEPSPEED_FP16_KEYS)
-    fp16 = _check_fp16_semantics(fp16)
     bf16 = _build(BF16Config, _section(raw, "bf16"), "bf16", _BF16_CHECKERS, _DEEPSPEED_BF16_KEYS)
     if fp16.enabled and bf16.enabled:
         raise ConfigError("fp16 and bf16 are both enabled; set one of them to false")

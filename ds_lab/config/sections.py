@@ -136,10 +136,3 @@ def _check_zero_semantics(zero: "ZeroConfig", given: dict) -> "ZeroConfig":
 
 
 
-def _check_fp16_semantics(fp16: FP16Config) -> FP16Config:
-    """fp16.auto_cast asks the engine to cast forward's floating-point inputs to fp16 (DeepSpeed's
-    engine._cast_inputs_half); ds_lab's engine does not yet, so true is refused, not ignored."""
-    if fp16.auto_cast:
-        raise ConfigError("fp16.auto_cast: true is not supported by ds_lab yet (DeepSpeed casts the floating-point "
-                          "inputs of forward to fp16); cast the inputs yourself with .half() and remove the key")
-    return fp16

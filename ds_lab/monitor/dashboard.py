@@ -8,7 +8,8 @@ By hand, the same is `launch(..., on_event=dash)` followed by `dash.finish()`.
 
 While `launch` runs, each rank publishes events that reach the parent as (rank, kind, payload):
 
-    memory  {"step", "phase", "time", "bytes": {category: int}}          what the rank holds now
+    memory  {"step", "phase", "time", "bytes": {category: int}, "peak"}  what the rank holds now; peak: the
+                                                                         last step's largest bytes by category + total
     comm    {"op", "bytes", "wire_bytes", "group_size", "start", "seconds", "tag"}   one collective
     loss    {"step", "loss"}
     span    {"name", "category": "compute"|"comm", "start", "end", "step"}  for the timeline
@@ -97,7 +98,8 @@ class EventStore:
     # One method per kind: read every field first, then store, so a bad payload changes nothing.
     def _add_memory(self, rank, p):
         record = {"step": int(p["step"]), "phase": str(p["phase"]), "time": float(p["time"]),
-                  "bytes": {str(c): int(b) for c, b in p["bytes"].items()}}
+                  "bytes": {str(c): int(b) for c, b in p["bytes"].items()},
+                  "peak": {str(c): int(b) for c, b in (p.get("peak") or {}).items()}}
         self._append(self.memory, rank, record, "memory", record["step"], record["time"])
 
     def _add_comm(self, rank, p):

@@ -69,7 +69,7 @@ def _empty(ax, message: str):
 def plot_memory(ax, store, theory=None):
     """Stacked bars of each rank's latest memory snapshot by category; beside each, a hatched bar
     with the theory's bytes for the same categories."""
-    ax.set_title("Memory held per rank (latest snapshot)")
+    ax.set_title("Memory held per rank (latest snapshot; dashed: the step's peak)")
     ranks = sorted(store.memory)
     if not ranks:
         return _empty(ax, "no memory events yet")
@@ -94,6 +94,10 @@ def plot_memory(ax, store, theory=None):
                 ax.bar(i + offset, value, width, bottom=theory_bottom, facecolor=color, alpha=0.35,
                        edgecolor=color, hatch="//")
                 theory_bottom += value
+        peak = (snapshots[rank].get("peak") or {}).get("total", 0) / divisor
+        if peak > measured_bottom:  # the step's peak (buckets, fp32 gradient copies) as an outline
+            ax.bar(i - offset, peak, width, fill=False, linestyle="--", edgecolor="black", linewidth=0.8)
+            ax.text(i - offset, peak, "peak " + human_bytes(peak * divisor), ha="center", va="bottom", fontsize=8)
         ax.text(i - offset, measured_bottom, human_bytes(totals[i]), ha="center", va="bottom", fontsize=8)
         if expected:
             ax.text(i + offset, theory_bottom, "theory\n" + human_bytes(expected_total), ha="center",
@@ -103,7 +107,8 @@ def plot_memory(ax, store, theory=None):
               for r, snap in snapshots.items()]
     ax.set_xticks(range(len(ranks)), labels, fontsize=8)
     ax.set_ylabel(f"bytes on this rank ({unit})")
-    ax.set_ylim(0, max(totals + [expected_total]) / divisor * 1.45 or 1)
+    peaks = [(snapshots[r].get("peak") or {}).get("total", 0) for r in ranks]
+    ax.set_ylim(0, max(totals + peaks + [expected_total]) / divisor * 1.45 or 1)
     handles = [Patch(color=color_for(c, MEMORY_COLORS), label=c) for c in categories]
     if expected:
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="theory"))

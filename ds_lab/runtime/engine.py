@@ -25,6 +25,7 @@ LR scheduler; zero the gradients.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 
@@ -40,7 +41,7 @@ from ds_lab.optim import build_optimizer
 from ds_lab.runtime import checkpoint
 from ds_lab.runtime.lr_schedules import build_scheduler
 from ds_lab.runtime.mode import param_shape
-from ds_lab.runtime.precision import DTYPES, make_loss_scaler
+from ds_lab.runtime.precision import DTYPES, cast_inputs_half, make_loss_scaler
 
 
 class DeepSpeedEngine(torch.nn.Module):
@@ -87,15 +88,7 @@ class DeepSpeedEngine(torch.nn.Module):
         self._measuring, self.peaks, self.last_peaks = True, {}, {}
         self.mode.probe = self._probe  # the mode reports its own peak moments (buckets, fp32 grads)
         self.monitors = build_monitors(config, rank=comm.get_rank())
-        if config.comms_logger.enabled and config.comms_logger.verbose:
-            comm.add_listener(self._print_comm)
-
-    def _print_comm(self, rec) -> None:
-        """comms_logger.verbose: one line per collective as it completes (DeepSpeed's format)."""
-        ops = self.config.comms_logger.prof_ops
-        if self.config.comms_logger.prof_all or rec.op in ops:
-            print(f"[ds_lab] comm op: {rec.op} | time (ms): {rec.seconds * 1e3:.2f} | msg size: {rec.bytes} B | "
-                  f"algbw (Gbps): {rec.algbw * 8 / 1e9:.2f} | busbw (Gbps): {rec.busbw * 8 / 1e9:.2f}")
+        comm.configure_logger(**dataclasses.asdict(config.comms_logger))
 
     # ---- construction ----------------------------------------------------------------------------
     def _broadcast_model(self) -> None:
@@ -221,6 +214,8 @@ class DeepSpeedEngine(torch.nn.Module):
     # ---- training --------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         t0 = time.time()
+        if self.config.fp16.enabled and self.config.fp16.auto_cast:
+            args = cast_inputs_half(args)  # DeepSpeed casts positional inputs only
         # Saved-tensor hooks cost a Python call per saved tensor (a few % of a small model's step),
         # so activations are measured on the first step, whenever a dashboard watches, or always
         # when `engine.track_activations = True`; the peak only changes with the input's shape.
@@ -280,7 +275,8 @@ class DeepSpeedEngine(torch.nn.Module):
             snapshot = self._ledger()
             events.publish_seconds += time.perf_counter() - t_ledger  # watching costs, counted
             events.span(phase, "compute", t0, t1, step)
-            events.publish("memory", dict(step=step, phase=phase, time=t1, bytes=snapshot))
+            events.publish("memory", dict(step=step, phase=phase, time=t1, bytes=snapshot,
+                                          peak={c: v for c, v in self.last_peaks.items() if c != "total_at"}))
 
     def _take_model_step(self) -> None:
         overflow = self.mode.step(self.loss_scale, self.config.gradient_clipping,

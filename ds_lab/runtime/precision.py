@@ -118,3 +118,15 @@ def has_overflow(tensors) -> bool:
     """True if any tensor holds an inf or a nan (one fused reduction, one sync)."""
     flags = [torch.logical_not(torch.isfinite(t)).any() for t in tensors]
     return bool(torch.stack(flags).any()) if flags else False
+
+
+def cast_inputs_half(inputs):
+    """`fp16.auto_cast`: every floating-point tensor in forward's positional inputs becomes fp16,
+    inside lists, tuples and dicts too (DeepSpeed's engine._cast_inputs_half)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.half() if inputs.is_floating_point() else inputs
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(cast_inputs_half(x) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: cast_inputs_half(v) for k, v in inputs.items()}
+    return inputs

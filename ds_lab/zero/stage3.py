@@ -107,6 +107,13 @@ class _GatheringParameters(dict):
         return p
 
 
+class _Gathering:
+    """One all-gather in flight that brings several units (see `ZeroStage3._issue_gathers`)."""
+
+    def __init__(self, units, handle, whole):
+        self.units, self.handle, self.whole = units, handle, whole
+
+
 class ZeroStage3(ZeroStage2):
     """Stage 2 (gradient shards, reduce-scatter as backward goes) plus partitioned parameters."""
 
@@ -189,31 +196,49 @@ class ZeroStage3(ZeroStage2):
             self.gather(unit)
 
     # ---- gather / release ------------------------------------------------------------------------
-    def _issue_gather(self, unit) -> None:
-        if unit.flat is not None or unit.handle is not None:
+    def _issue_gathers(self, units) -> None:
+        """Start one async all-gather for every unit in `units` not whole or in flight yet: each rank
+        sends its chunks of all of them side by side, so the result is laid out rank by rank,
+        [u1 chunk 0 | u2 chunk 0 | ... | u1 chunk 1 | ...], and each unit is cut out when first needed."""
+        units = [u for u in units if u.flat is None and u.handle is None]
+        if not units:
             return
-        flat = torch.empty(unit.padded, dtype=self.model_dtype, device=self.device)
+        whole = torch.empty(self.world_size, sum(u.chunk for u in units), dtype=self.model_dtype, device=self.device)
+        shards = units[0].shard if len(units) == 1 else torch.cat([u.shard for u in units])
         with comm.tag("param_allgather"):
-            unit.handle = comm.all_gather(flat, unit.shard, group=self.dp_group, async_op=True)
-        unit.pending_flat = flat
-        self._count(unit.padded * flat.element_size())
+            handle = comm.all_gather(whole.view(-1), shards, group=self.dp_group, async_op=True)
+        gathering = _Gathering(units, handle, whole)
+        for unit in units:
+            unit.handle, unit.pending_flat = gathering, whole
+        self._count(whole.numel() * whole.element_size())
+
+    def _finish(self, gathering) -> None:
+        """Wait for a gather in flight; every unit it brought becomes whole."""
+        if gathering.handle is None:
+            return
+        gathering.handle.wait()
+        gathering.handle = None
+        parts = gathering.whole.split([u.chunk for u in gathering.units], dim=1)
+        for unit, part in zip(gathering.units, parts):
+            if unit.handle is gathering:
+                # one unit: `part` is the whole buffer, no copy; several: each unit its own storage
+                unit.flat, unit.handle, unit.pending_flat = part.contiguous().view(-1), None, None
+                self.live_storages.add(storage_key(unit.flat))
+                self._point_params(unit)
 
     def gather(self, unit) -> None:
         """Make the unit's whole parameters exist (waiting for a prefetch if one is in flight)."""
         if unit.flat is not None:
             return
-        self._issue_gather(unit)
-        unit.handle.wait()
-        unit.flat, unit.handle, unit.pending_flat = unit.pending_flat, None, None
-        self.live_storages.add(storage_key(unit.flat))
-        self._point_params(unit)
+        if unit.handle is None:
+            self._issue_gathers([unit])
+        self._finish(unit.handle)
 
     def _release(self, unit) -> None:
         if unit.persistent:
             return
         if unit.handle is not None:  # prefetched but never used: finish the gather, then drop it
-            unit.handle.wait()
-            unit.flat, unit.handle, unit.pending_flat = unit.pending_flat, None, None
+            self._finish(unit.handle)
         if unit.flat is not None:
             self._count(-unit.flat.numel() * unit.flat.element_size())
             self.live_storages.discard(storage_key(unit.flat))
@@ -252,26 +277,28 @@ class ZeroStage3(ZeroStage2):
         if not self.recorded:
             self.order.append(mod)
             self.first_position.setdefault(mod, len(self.order) - 1)
-        for unit in self.needs.get(mod, ()):
+        needs = self.needs.get(mod, [])
+        self._issue_gathers(needs + (self._prefetch(self.order[self.position + 1:]) if self.recorded else []))
+        for unit in needs:
             self.gather(unit)
-        if self.recorded:
-            self._prefetch(self.order[self.position + 1:])
         self.position += 1
 
-    def _prefetch(self, upcoming) -> None:
-        """Start the all-gathers of the units the next modules will need (in forward order during
-        forward, in reverse during backward), within `stage3_prefetch_bucket_size` elements. In
-        backward, a unit whose gradients are already in is never prefetched (nothing will use it)."""
-        budget = self.prefetch_elements  # whole elements ahead of the current module, in flight or not
+    def _prefetch(self, upcoming) -> list:
+        """The units the next modules will need (in forward order during forward, in reverse during
+        backward), within `stage3_prefetch_bucket_size` elements: gathered in the same all-gather
+        as the current module's. In backward, a unit whose gradients are already in is never
+        prefetched (nothing will use it)."""
+        budget, out = self.prefetch_elements, []  # whole elements ahead of the current module, in flight or not
         for mod in upcoming:
             for unit in self.needs.get(mod, ()):
                 if self.in_backward and (unit.reduced or unit.done):
                     continue
                 if unit.padded > budget:
-                    return
+                    return out
                 budget -= unit.padded
-                if unit.flat is None and unit.handle is None:
-                    self._issue_gather(unit)
+                if unit not in out:
+                    out.append(unit)
+        return out
 
     def _post_forward(self, mod, args, output):
         if self.running and self.running[-1] is mod:
@@ -290,9 +317,10 @@ class ZeroStage3(ZeroStage2):
         return None
 
     def _pre_backward(self, mod, position: int) -> None:
-        for unit in self.needs[mod]:
+        needs = self.needs[mod]
+        self._issue_gathers(needs + (self._prefetch(self.order[position - 1::-1]) if position > 0 else []))
+        for unit in needs:
             self.gather(unit)
-        self._prefetch(self.order[position - 1::-1] if position > 0 else [])
 
     # ---- backward: gradients in, whole parameters out ---------------------------------------------
     def backward_start(self, boundary: bool) -> None:
