@@ -41,7 +41,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     Works inside a `ds_lab.launch`ed rank, under torchrun, and in a lone process (which becomes a
     world of size 1).
     """
-    from ds_lab.comm.topology import MpuGroups, ProcessGroups, ProcessTopology
+    from ds_lab.comm.topology import MpuGroups, ProcessGroups, ProcessTopology, get_grid
     from ds_lab.modes import mode_builder
     from ds_lab.runtime.engine import DeepSpeedEngine
 
@@ -50,7 +50,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if dist_init_required is not False:
         init_distributed()
     # the one grid every process group comes from: pipe x data x model (an mpu brings its own)
-    grid = MpuGroups(mpu) if mpu is not None else ProcessGroups(ProcessTopology(data=comm.get_world_size()))
+    if mpu is not None:
+        grid = MpuGroups(mpu)
+    elif get_grid() is not None and get_grid().world_size == comm.get_world_size():
+        grid = get_grid()  # set up before the model was built (tensor-parallel layers need it)
+    else:
+        grid = ProcessGroups(ProcessTopology(data=comm.get_world_size()))
     ds_config = DeepSpeedConfig.from_any(_config_from(args, config, config_params), world_size=grid.size("data"))
     check_client_optimizer(ds_config, optimizer)  # the client's wins, as in DeepSpeed: said, not silent
     check_client_scheduler(ds_config, lr_scheduler)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ds_lab
+from ds_lab.launch import RankError
 from tests import zero_workers
 
 GLOBAL_BATCH, STEPS = 12, 4
@@ -52,6 +53,16 @@ def test_a_parameter_used_by_two_checkpointed_segments_gets_its_whole_gradient_a
     stages 2/3 overwrote the first contribution with the second."""
     run_cases([("shared", config(stage), optimizer) for stage in (0, 1, 2, 3)]
               + [("shared", config(stage, accumulation=2), optimizer) for stage in (0, 2, 3)], batches)
+
+
+def test_a_gradient_arriving_in_more_parts_than_on_the_first_step_is_reduced_again_or_refused(batches):
+    """Readiness learns each parameter's number of gradient parts on the first step. One more part
+    later, after its bucket was sent: stages 2 and 3 reduce it on its own (shards add), stages 0
+    and 1 (whose bucket is in flight in place) say what to change instead of training on half a gradient."""
+    run_cases([("growing", config(2), "adam"), ("growing", config(3), "sgd")], batches)
+    for stage in (0, 1):
+        with pytest.raises(RankError, match="use_reentrant=False"):
+            ds_lab.launch(zero_workers.cases_worker, 2, [("growing", config(stage), "adam")], batches)
 
 
 def test_zero3_parent_reading_a_childs_parameter_gathers_it(batches):

@@ -4,6 +4,8 @@
     kind="checkpointed"  every segment runs under torch.utils.checkpoint(use_reentrant=True)
     kind="shared"        ...and one Linear is used inside two of those segments, so its gradient
                          arrives in two separate inner backwards (its hooks fire twice)
+    kind="growing"       as "shared", but on the first forward only segment 0 uses that Linear: from the
+                         second step on its gradient arrives in more parts than the first step taught
     kind="tied_head"     the parent reads a child's parameter in its own forward
                          (logits = h @ self.emb.weight.t()), as a tied LM head does
     kind="plain"         no checkpointing, no sharing
@@ -40,18 +42,21 @@ class Net(nn.Module):
         self.kind = kind
         self.emb = nn.Embedding(VOCAB, width)
         self.segments = nn.ModuleList(Segment(width) for _ in range(segments))
-        self.shared = nn.Linear(width, width) if kind == "shared" else None
+        self.shared = nn.Linear(width, width) if kind in ("shared", "growing") else None
         self.head = None if kind == "tied_head" else nn.Linear(width, VOCAB)
+        self.calls = 0  # forwards so far, this one included (constant while backward re-runs segments)
 
     def _segment(self, i, h):
-        if self.shared is not None and i in (0, 2):  # the same Linear inside two checkpointed segments
+        uses = (0, 2) if self.kind == "shared" or self.calls > 1 else (0,)
+        if self.shared is not None and i in uses:  # the same Linear inside two checkpointed segments
             h = torch.tanh(self.shared(h))
         return self.segments[i](h)
 
     def forward(self, x, y):
+        self.calls += 1
         h = self.emb(x)
         for i in range(len(self.segments)):
-            if self.kind in ("checkpointed", "shared"):
+            if self.kind in ("checkpointed", "shared", "growing"):
                 h = checkpoint(self._segment, i, h, use_reentrant=True)
             else:
                 h = self._segment(i, h)

@@ -152,3 +152,18 @@ class MpuGroups(ProcessGroups):
 
 
 _SINGLE = object()  # an axis of size 1 that the mpu does not define
+
+
+_current = None  # the grid set up for this process (initialize_model_parallel), if any
+
+
+def set_grid(groups) -> None:
+    """Make `groups` (ProcessGroups or MpuGroups) this process's grid: tensor-parallel layers take
+    their model group from it, and `ds_lab.initialize` uses it when no mpu is given."""
+    global _current
+    _current = groups
+
+
+def get_grid():
+    """This process's grid, or None when none was set up (then layers use the whole world)."""
+    return _current

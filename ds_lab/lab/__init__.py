@@ -12,6 +12,6 @@ from ds_lab.lab.measure import (ConstructionProbe, WholeParameterProbe, bucket_s
 from ds_lab.lab.tables import STATES, model_states, states_table, states_vs_formula_table
 from ds_lab.lab.workers import data_parallel_train, global_losses, rows_of, zero_train
 
-__all__ = ["ConstructionProbe", "WholeParameterProbe", "bucket_sizes", "own_parameter_counts", "padded", "padded_sizes",
-           "tensor_census", "census_since", "STATES", "model_states", "states_table", "states_vs_formula_table",
-           "data_parallel_train", "global_losses", "rows_of", "zero_train"]
+__all__ = ["ConstructionProbe", "WholeParameterProbe", "bucket_sizes", "census_since", "own_parameter_counts",
+           "padded", "padded_sizes", "tensor_census", "STATES", "model_states", "states_table",
+           "states_vs_formula_table", "data_parallel_train", "global_losses", "rows_of", "zero_train"]

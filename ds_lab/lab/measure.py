@@ -12,9 +12,10 @@ chapters and tests check claims against something the engine cannot bend:
                            whole (gathered) parameters that exist at that moment
     ConstructionProbe      samples the census while a model is being built (zero.Init or not)
 
-A census sees tensors that Python objects hold, including those a forked rank inherited from its
-parent (a notebook's own tensors): `census_since` subtracts a census taken when the rank started. After `engine.step()` that is everything the
-engine keeps (nothing is left inside an autograd graph), which is when the chapters take it.
+A census sees the tensors Python objects hold. After `engine.step()` that is everything the engine
+keeps (nothing is left inside an autograd graph), which is when the chapters take it. It also sees
+what a forked rank inherited from its parent (a notebook's own tensors): `census_since` subtracts
+a census taken when the rank started.
 """
 from __future__ import annotations
 
@@ -147,9 +148,10 @@ class WholeParameterProbe:
 class ConstructionProbe:
     """`with ConstructionProbe(dtypes) as probe: model = Model()`: the census of `dtypes`, sampled
     each time a module registers a parameter (that is, while each module is being built).
-    `probe.peak` is the largest sample above what existed before the block. The samples fall
-    between modules, so a moment inside one module (zero.Init's flat vector) adds at most that
-    module's bytes to what they show."""
+    `probe.peak` is the largest sample above what existed before the block; `probe.after`, what
+    the block kept. The samples are taken as parameters are registered, so they miss one moment
+    per module: when zero.Init holds the module's flat vector beside its fresh tensors (at most one
+    module more than they show)."""
 
     def __init__(self, dtypes=(torch.float32,)):
         self.dtypes, self.peak, self.samples = tuple(dtypes), 0, 0
@@ -162,10 +164,11 @@ class ConstructionProbe:
         self.peak = max(self.peak, self._total() - self.baseline)
 
     def __enter__(self):
-        self.baseline = self._total()
+        self.baseline = sum(tensor_census(self.dtypes).values())  # collected: no earlier garbage in it
         self.handle = torch.nn.modules.module.register_module_parameter_registration_hook(self._sample)
         return self
 
     def __exit__(self, *exc):
         self.handle.remove()
-        self.after = self._total() - self.baseline
+        # what the block kept: collected first, so garbage waiting in a reference cycle is not counted
+        self.after = sum(tensor_census(self.dtypes).values()) - self.baseline

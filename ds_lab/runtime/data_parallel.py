@@ -133,6 +133,7 @@ class DataParallel(GradientMode):
             for p in params:
                 if p not in self.master_of:
                     self.master_of[p] = torch.nn.Parameter(p.detach().clone().float())
+                    self.master_of[p].tensor_model_parallel = is_model_parallel(p)  # for the norm
             masters = [self.master_of[p] for p in params]
         known = {id(m) for m in self.masters}
         self.masters.extend(m for m in masters if id(m) not in known)

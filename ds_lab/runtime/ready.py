@@ -11,14 +11,18 @@ but once per segment when the parameter is used inside several segments of reent
 checkpointing (`torch.utils.checkpoint(..., use_reentrant=True)`: each segment runs its own inner
 backward). Sending a unit after the first firing would send half a gradient.
 
-So the number of firings is learnt: the first backward that communicates launches nothing until
-its end (every unit at once, as `overlap_comm=False` would) and counts each parameter's firings;
-from then on a unit goes as soon as each of its parameters has fired its learnt number of times.
-A parameter that got no gradient while learning is waited for once, as before (a unit whose
+So the number of firings is learnt, and a unit goes as soon as each of its parameters has fired
+its learnt number of times (a parameter never seen firing is waited for once; a unit whose
 parameter never fires goes at the end of backward). A firing beyond the learnt count that comes
-after its unit was sent cannot be folded into that collective: modes whose late gradient can be
-reduced again on its own (ZeRO-2/3: reduce-scatter is linear, shards add) pass `relaunch_late`;
-for the others it is an error that says what to do.
+after its unit was sent cannot be folded into that collective:
+- modes whose late part can be reduced on its own pass `relaunch_late` (ZeRO-2/3: reduce-scatter
+  is linear and the shards add up): they start from one firing per parameter, keeping their
+  memory promise on every step; a late part is reduced again at the end of backward (extra
+  collectives on the first step only), and the count is learnt for the next backward;
+- the others (data parallel, ZeRO-1: the bucket is reduced in place while backward could still add
+  to it) launch nothing on their first communicating backward until its end (as
+  `overlap_comm=False` would), counting; later, a firing beyond the count after the unit was sent
+  is an error that says what to do.
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ class ReadyInOrder:
         self.units, self.on_ready, self.on_grad = units, on_ready, on_grad
         self.relaunch_late, self.names = relaunch_late, names or {}
         self.unit_of = {p: i for i, params in enumerate(units) for p in params}
-        self.expected = None  # {param: firings per backward}, learnt on the first communicating backward
+        # {param: firings per backward}: learnt on the first communicating backward (None until then),
+        # or, when late parts can be reduced again, one each to start with and learnt as it goes
+        self.expected = {p: 1 for p in self.unit_of} if relaunch_late else None
         self.fired, self.ready, self.late = {}, [0] * len(units), set()
         self.next, self.active = 0, False
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in self.unit_of]

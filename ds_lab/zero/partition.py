@@ -97,9 +97,6 @@ class ZeroOptimizerBase(GradientMode):
 
     def __init__(self, module, groups: list, units: list, grid, model_dtype, device):
         super().__init__(grid, device)
-        if any(is_model_parallel(p) for unit in units for p in unit.params):
-            raise NotImplementedError("ZeRO stages 1-3 over tensor-parallel parameters are not supported yet; "
-                                      "use ZeRO stage 0 with tensor parallelism")
         self.module, self.units = module, units
         self.model_dtype = model_dtype
         shard_sizes = [0] * len(groups)
@@ -114,6 +111,18 @@ class ZeroOptimizerBase(GradientMode):
                 master[unit.shard_offset:unit.shard_offset + unit.chunk] = \
                     unit.flatten(self.unit_values(unit), torch.float32)[unit.mine]
             self.masters.append(torch.nn.Parameter(master))
+        self.tp_masks = self._tensor_parallel_masks() if any(
+            is_model_parallel(p) for unit in units for p in unit.params) else None
+
+    def _tensor_parallel_masks(self) -> list:
+        """Per group shard: True where an element belongs to a tensor-parallel parameter (for the norm)."""
+        masks = [torch.zeros(m.numel(), dtype=torch.bool, device=self.device) for m in self.masters]
+        for unit in self.units:
+            flags = torch.zeros(unit.padded, dtype=torch.bool, device=self.device)
+            for p, offset, shape in zip(unit.params, unit.offsets, unit.shapes):
+                flags[offset:offset + math.prod(shape)] = is_model_parallel(p)
+            masks[unit.group][unit.shard_offset:unit.shard_offset + unit.chunk] = flags[unit.mine]
+        return masks
 
     @property
     def zero_optimizer(self):
@@ -145,9 +154,14 @@ class ZeroOptimizerBase(GradientMode):
     def prepare_master_grads(self) -> list:
         for g, master in enumerate(self.masters):  # fp32 gradient of the shard, only for the step
             master.grad = self.grad_shard(g).float()
-        # a shard is split over data ranks; over model ranks it is a copy (tensor-parallel shards
-        # inside ZeRO units are not supported yet: refused in __init__)
-        return [(m.grad, ("model",)) for m in self.masters]
+        # a shard is split over data ranks. Over model ranks, the elements of tensor-parallel
+        # parameters are split too (each model rank holds its own slice), the others are copies
+        if self.tp_masks is None:
+            return [(m.grad, ("model",)) for m in self.masters]
+        pieces = []
+        for m, mask in zip(self.masters, self.tp_masks):
+            pieces += [(m.grad * mask, ()), (m.grad * ~mask, ("model",))]
+        return pieces
 
     def publish_params(self) -> None:
         """Updated master chunks -> full model parameters, by one all-gather per unit."""

@@ -9,8 +9,9 @@ How the full gradient is never kept: during backward, each parameter's gradient 
 its bucket's ("unit", see `partition.py`) flat buffer the moment it is ready, and freed; when a
 bucket is complete, one async reduce-scatter leaves each rank with the average of its own chunk,
 which it adds to its gradient shard. Only the buckets being filled or in flight occupy full-size
-gradient memory (except on the first backward, which sends everything at its end while it learns
-how many parts each gradient arrives in: `runtime/ready.py`).
+gradient memory. Under reentrant activation checkpointing a gradient can arrive in several parts
+(one per segment that uses the parameter): they are added up, and a part that comes after its
+bucket was sent is reduced again on its own (`runtime/ready.py`).
 
 What crosses the wire per optimizer step (per rank, ring algorithm):
     reduce-scatter of the gradients   (N-1)/N x Ψ   (per micro-step: DeepSpeed's rule for stages
@@ -47,6 +48,7 @@ class ZeroStage2(ZeroOptimizerBase):
     # units sent together in one reduce-scatter, up to this many elements; stage 2's units already are
     # `reduce_bucket_size` buckets (partition.py), stage 3's are modules and get coalesced (stage3.py)
     reduce_bucket_size = 0
+    max_in_flight = 2  # reduce-scatters sent and not yet added into the shard (see `retire`)
 
     def attach(self) -> None:
         for unit in self.units:
@@ -103,12 +105,27 @@ class ZeroStage2(ZeroOptimizerBase):
                 del self.in_flight[id(u.bucket)]
             u.bucket = None
         flat = flats[0] if len(units) == 1 else torch.cat([f.view(self.world_size, -1) for f in flats], dim=1).view(-1)
+        self.retire()
         self.in_flight[id(flat)] = flat
         flat.div_(self.world_size)
         out = torch.empty(sum(u.chunk for u in units), dtype=self.model_dtype, device=self.device)
         with comm.tag("grad_reduce_scatter"):
             handle = comm.reduce_scatter(out, flat, group=self.dp_group, async_op=True)
-        self.pending.append((units, out, handle))
+        self.pending.append((units, out, handle, flat))
+
+    def retire(self, wait: bool = False) -> None:
+        """Add the results of finished reduce-scatters into the gradient shard and free their buckets,
+        so only a few buckets ever exist: at most `max_in_flight` are sent and not yet retired (the
+        oldest is waited for to make room, as DeepSpeed alternates its two reduce buckets; gloo cannot
+        say whether a reduce-scatter has finished, NCCL can). `wait`: retire all. In launch order,
+        so the additions happen in the same order on every run."""
+        while self.pending and (wait or len(self.pending) >= self.max_in_flight
+                                or self.pending[0][2].is_completed()):
+            units, out, handle, flat = self.pending.pop(0)
+            handle.wait()
+            for unit, part in zip(units, out.split([u.chunk for u in units])):
+                self.grad_chunk(unit).add_(part)  # accumulate over micro-steps, in the shard only
+            del self.in_flight[id(flat)]
 
     def backward_start(self, boundary: bool) -> None:
         for unit in self.units:
@@ -117,11 +134,7 @@ class ZeroStage2(ZeroOptimizerBase):
 
     def backward_end(self, boundary: bool) -> None:
         self.tracker.flush()
-        for units, out, handle in self.pending:
-            handle.wait()
-            for unit, part in zip(units, out.split([u.chunk for u in units])):
-                self.grad_chunk(unit).add_(part)  # accumulate over micro-steps, in the shard only
-        self.pending, self.in_flight = [], {}
+        self.retire(wait=True)
 
     def grad_shard(self, group: int) -> torch.Tensor:
         return self.grad_shards[group]  # already laid out as the master shard: no concatenation

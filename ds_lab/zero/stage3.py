@@ -7,9 +7,9 @@ What each of the N data-parallel ranks holds (mixed precision, Ψ parameters, K 
     optimizer    12Ψ/N  its chunk of fp32 master weights + Adam m + v
 
 Each module with parameters of its own is one "unit" (see `partition.py`). Around it:
-    forward pre-hook    all-gather the unit (wait for it if it was prefetched), and start the
-                        async all-gather of the next units in forward order, up to
-                        `stage3_prefetch_bucket_size` elements
+    forward pre-hook    all-gather the unit (wait for it if it was prefetched), and start one async
+                        all-gather of the next units in forward order not yet gathered, up to
+                        `stage3_prefetch_bucket_size` elements (each rank sends its chunks side by side)
     forward post-hook   release the whole parameters (param.data becomes an empty tensor; autograd
                         keeps a reference to the Parameter, not to its data), and hook the
                         module's outputs so that their gradient arriving triggers...
@@ -33,8 +33,13 @@ every whole parameter, so no gather started before the step can hand out old wei
 
 What crosses the wire per step (per rank, ring algorithm, Ψ elements, no accumulation):
     forward all-gather  (N-1)/N Ψ  +  backward all-gather (N-1)/N Ψ  +  gradient reduce-scatter (N-1)/N Ψ
-  = 3(N-1)/N Ψ: 1.5x data parallel's 2(N-1)/N Ψ (the ZeRO paper's 3Ψ vs 2Ψ). After the step nothing
-    is all-gathered: each rank just casts its updated master chunk into its parameter chunk.
+  = 3(N-1)/N Ψ: 1.5x data parallel's 2(N-1)/N Ψ (the ZeRO paper's 3Ψ vs 2Ψ). After the step only
+    the persistent units are all-gathered (in one collective); every other rank just casts its
+    updated master chunk into its parameter chunk.
+How many collectives carry that: with the defaults (buckets larger than a small model), a GPT
+step issues two all-gathers in forward (the first module's, then everything prefetched), two in
+backward, one reduce-scatter and one all-gather of the persistent units, where one per module and
+pass would be dozens (each costs a fixed latency).
 """
 from __future__ import annotations
 
@@ -278,16 +283,18 @@ class ZeroStage3(ZeroStage2):
             self.order.append(mod)
             self.first_position.setdefault(mod, len(self.order) - 1)
         needs = self.needs.get(mod, [])
-        self._issue_gathers(needs + (self._prefetch(self.order[self.position + 1:]) if self.recorded else []))
+        self._issue_gathers(needs)
+        if self.recorded:
+            self._issue_gathers(self._prefetch(self.order[self.position + 1:]))
         for unit in needs:
             self.gather(unit)
         self.position += 1
 
     def _prefetch(self, upcoming) -> list:
         """The units the next modules will need (in forward order during forward, in reverse during
-        backward), within `stage3_prefetch_bucket_size` elements: gathered in the same all-gather
-        as the current module's. In backward, a unit whose gradients are already in is never
-        prefetched (nothing will use it)."""
+        backward), within `stage3_prefetch_bucket_size` elements: gathered together, in one
+        all-gather issued right after the current module's own (which is all it waits for). In
+        backward, a unit whose gradients are already in is never prefetched (nothing will use it)."""
         budget, out = self.prefetch_elements, []  # whole elements ahead of the current module, in flight or not
         for mod in upcoming:
             for unit in self.needs.get(mod, ()):
@@ -318,7 +325,9 @@ class ZeroStage3(ZeroStage2):
 
     def _pre_backward(self, mod, position: int) -> None:
         needs = self.needs[mod]
-        self._issue_gathers(needs + (self._prefetch(self.order[position - 1::-1]) if position > 0 else []))
+        self._issue_gathers(needs)
+        if position > 0:
+            self._issue_gathers(self._prefetch(self.order[position - 1::-1]))
         for unit in needs:
             self.gather(unit)
 
