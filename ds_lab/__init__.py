@@ -50,7 +50,15 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if dist_init_required is not False:
         init_distributed()
     # the one grid every process group comes from: pipe x data x model (an mpu brings its own)
-    if mpu is not None:
+    pipeline = _pipeline_module(model)
+    if pipeline is not None:  # the PipelineModule built its grid (pipe x data x model) to know its stage
+        if mpu is not None:
+            raise ValueError("a PipelineModule brings its own process grid; do not pass mpu= with it")
+        if model.grid is None and model.num_stages > 1:
+            raise ValueError("this PipelineModule was built before torch.distributed was initialised, so it "
+                             "does not know its stage; call ds_lab.init_distributed() before building it")
+        grid = model.grid or ProcessGroups(ProcessTopology(pipe=1, data=comm.get_world_size()))
+    elif mpu is not None:
         grid = MpuGroups(mpu)
     elif get_grid() is not None and get_grid().world_size == comm.get_world_size():
         grid = get_grid()  # set up before the model was built (tensor-parallel layers need it)
@@ -59,10 +67,21 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     ds_config = DeepSpeedConfig.from_any(_config_from(args, config, config_params), world_size=grid.size("data"))
     check_client_optimizer(ds_config, optimizer)  # the client's wins, as in DeepSpeed: said, not silent
     check_client_scheduler(ds_config, lr_scheduler)
-    engine = DeepSpeedEngine(model, ds_config, grid, mode_builder(ds_config), optimizer=optimizer,
+    if pipeline is None and "pipeline" in ds_config.raw:
+        raise ConfigError("the config has a 'pipeline' section but the model is not a ds_lab.pipe.PipelineModule")
+    engine = (pipeline or DeepSpeedEngine)(model, ds_config, grid, mode_builder(ds_config), optimizer=optimizer,
                              model_parameters=model_parameters, lr_scheduler=lr_scheduler,
                              training_data=training_data, collate_fn=collate_fn, mpu=mpu)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _pipeline_module(model):
+    """PipelineEngine when `model` is a PipelineModule, else None (ds_lab.pipe loads only then)."""
+    import sys
+    if "ds_lab.pipe" not in sys.modules:
+        return None  # nobody imported ds_lab.pipe, so model cannot be a PipelineModule
+    from ds_lab.pipe import PipelineEngine, PipelineModule
+    return PipelineEngine if isinstance(model, PipelineModule) else None
 
 
 def __getattr__(name):
@@ -72,4 +91,7 @@ def __getattr__(name):
     if name == "zero":
         import ds_lab.zero
         return ds_lab.zero
+    if name == "pipe":
+        import ds_lab.pipe
+        return ds_lab.pipe
     raise AttributeError(f"module 'ds_lab' has no attribute {name!r}")

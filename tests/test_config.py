@@ -172,7 +172,7 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys():
 
 @pytest.mark.parametrize("key", [
     "activation_checkpointing", "flops_profiler", "amp", "compression_training", "data_efficiency", "aio",
-    "pipeline", "sparse_attention", "elasticity", "autotuning", "checkpoint", "wandb", "comet",
+    "sparse_attention", "elasticity", "autotuning", "checkpoint", "wandb", "comet",
     "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer",
     "zero_force_ds_cpu_optimizer", "communication_data_type", "seq_parallel_communication_data_type", "dump_state",
     "memory_breakdown", "sparse_gradients", "fp32_allreduce", "data_types", "compile", "torch_autocast",

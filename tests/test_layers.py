@@ -22,6 +22,7 @@ LAYERS = (
     ("runtime",),  # precision, ready, data_parallel, lr_schedules, checkpoint, mode (the seam), ...
     ("zero",),
     ("runtime.engine", "modes"),  # the one engine path, and the table that picks its mode
+    ("pipe",),  # pipeline parallel: PipelineModule, schedules, p2p, the PipelineEngine (a DeepSpeedEngine)
     ("", "launch", "train", "cli", "lab"),  # the public API, the entry points, the course's helpers
 )
 

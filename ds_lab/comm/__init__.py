@@ -120,20 +120,22 @@ def all_to_all(output, input, group=None, async_op=False):
                 lambda: dist.all_to_all_single(output, input, group=group, async_op=async_op))
 
 
-def send(tensor, dst, group=None):
-    return _run("send", _nbytes(tensor), group, False, lambda: dist.send(tensor, dst=dst, group=group))
+# point-to-point: `tag` keeps independent streams between the same two ranks apart (a receive
+# matches the oldest send from `src` with the same tag), e.g. activations and gradients of a pipeline
+def send(tensor, dst, group=None, tag=0):
+    return _run("send", _nbytes(tensor), group, False, lambda: dist.send(tensor, dst=dst, group=group, tag=tag))
 
 
-def recv(tensor, src, group=None):
-    return _run("recv", _nbytes(tensor), group, False, lambda: dist.recv(tensor, src=src, group=group))
+def recv(tensor, src, group=None, tag=0):
+    return _run("recv", _nbytes(tensor), group, False, lambda: dist.recv(tensor, src=src, group=group, tag=tag))
 
 
-def isend(tensor, dst, group=None):
-    return _run("send", _nbytes(tensor), group, True, lambda: dist.isend(tensor, dst=dst, group=group))
+def isend(tensor, dst, group=None, tag=0):
+    return _run("send", _nbytes(tensor), group, True, lambda: dist.isend(tensor, dst=dst, group=group, tag=tag))
 
 
-def irecv(tensor, src, group=None):
-    return _run("recv", _nbytes(tensor), group, True, lambda: dist.irecv(tensor, src=src, group=group))
+def irecv(tensor, src, group=None, tag=0):
+    return _run("recv", _nbytes(tensor), group, True, lambda: dist.irecv(tensor, src=src, group=group, tag=tag))
 
 
 def barrier(group=None):

@@ -25,6 +25,7 @@ M monitor/config.py, F ops/adam/fused_adam.py, E runtime/engine.py + runtime/con
 | fp16.consecutive_hysteresis              | False             | P   |                                       |
 | fp16.min_loss_scale                      | 1.0               | P   |                                       |
 | bf16.enabled                             | False             | P   |                                       |
+| pipeline.stages                          | "auto"            | C   | ds_lab adds schedule, virtual_stages  |
 | zero_optimization.stage                  | 0                 | Z   |                                       |
 | reduce_bucket_size, allgather_bucket_size| 500_000_000 each  | Z   | elements                              |
 | overlap_comm                             | None              | Z   | see "departs" below                   |
@@ -78,7 +79,7 @@ from ds_lab.config.sections import (_BF16_CHECKERS, _COMMS_LOGGER_CHECKERS, _DEE
                                     _DEEPSPEED_FP16_KEYS, _DEEPSPEED_TOP_LEVEL_KEYS, _DEEPSPEED_ZERO_KEYS,
                                     _FP16_CHECKERS, _MONITOR_CHECKERS, _ZERO_CHECKERS, BF16Config, CommsLoggerConfig,
                                     FP16Config, MonitorConfig, ZeroConfig,
-                                    _check_zero_semantics)
+                                    _check_zero_semantics, _DEEPSPEED_PIPELINE_KEYS, _PIPELINE_CHECKERS, PipelineConfig)
 
 __all__ = ["ConfigError", "DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "FP16Config", "BF16Config",
            "ZeroConfig", "CommsLoggerConfig", "MonitorConfig", "SUPPORTED_ZERO_STAGES", "SUPPORTED_OPTIMIZERS",
@@ -101,6 +102,7 @@ class DeepSpeedConfig:
     comms_logger: CommsLoggerConfig = field(default_factory=CommsLoggerConfig)
     csv_monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tensorboard: MonitorConfig = field(default_factory=MonitorConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # read by the pipeline engine only
     raw: dict = field(default_factory=dict)  # a copy of the user's dict as given
 
     @property
@@ -190,6 +192,8 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
                             _COMMS_LOGGER_CHECKERS, {}),
         csv_monitor=_build(MonitorConfig, _section(raw, "csv_monitor"), "csv_monitor", _MONITOR_CHECKERS, {}),
         tensorboard=_build(MonitorConfig, _section(raw, "tensorboard"), "tensorboard", _MONITOR_CHECKERS, {}),
+        pipeline=_build(PipelineConfig, _section(raw, "pipeline"), "pipeline", _PIPELINE_CHECKERS,
+                        _DEEPSPEED_PIPELINE_KEYS),
         raw=raw,
     )
 

@@ -47,6 +47,35 @@ class ZeroConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """DeepSpeed's `pipeline` section (its `stages`) plus ds_lab's schedule choice."""
+
+    stages: object = "auto"  # "auto": the PipelineModule's num_stages; a number must equal it
+    schedule: str = "1f1b"  # "1f1b" (DeepSpeed's TrainSchedule), "afab" (GPipe), "interleaved"
+    virtual_stages: Optional[int] = None  # None: the PipelineModule's virtual_stages
+
+
+def _pipeline_stages(value, name):
+    return value if value == "auto" else _positive_integer(value, name)
+
+
+def _pipeline_schedule(value, name):
+    if value not in ("1f1b", "afab", "interleaved"):
+        raise ConfigError(f"{name} must be '1f1b', 'afab' or 'interleaved', got {value!r}")
+    return value
+
+
+_PIPELINE_CHECKERS = {"stages": _pipeline_stages, "schedule": _pipeline_schedule,
+                      "virtual_stages": _positive_integer}
+_DEEPSPEED_PIPELINE_KEYS = {
+    "partition": "set PipelineModule(partition_method=...) instead",
+    "seed_layers": "set PipelineModule(seed_layers=True) instead",
+    "activation_checkpoint_interval": "set PipelineModule(activation_checkpoint_interval=...) instead",
+    "pipe_partitioned": "ds_lab sends whole activations between stages", "grad_partitioned":
+    "ds_lab sends whole gradients between stages", "use_reentrant": "ds_lab checkpoints without reentrancy"}
+
+
+@dataclass
 class CommsLoggerConfig:
     enabled: bool = False
     verbose: bool = False
@@ -74,7 +103,7 @@ _DEEPSPEED_TOP_LEVEL_KEYS = {key: "" for key in (
     "dataloader_drop_last", "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state",
     "eigenvalue", "elasticity", "expert_parallel", "flops_profiler", "fp32_allreduce", "gradient_allreduce_op",
     "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level",
-    "managed_gradient_accumulation", "memory_breakdown", "nebula", "pipeline", "prescale_gradients",
+    "managed_gradient_accumulation", "memory_breakdown", "nebula", "prescale_gradients",
     "progressive_layer_drop", "quantize_training", "seq_parallel_comm_data_type",
     "seq_parallel_communication_data_type", "sequence_parallel_size", "sparse_attention", "sparse_gradients",
     "tensor_parallel", "timers", "torch_autocast", "trackio", "use_data_before_expert_parallelism",
@@ -131,7 +160,8 @@ def _check_zero_semantics(zero: "ZeroConfig", given: dict) -> "ZeroConfig":
             warnings.warn(f"zero_optimization.{key} is accepted but not enforced by ds_lab: {why}", stacklevel=3)
     if given.get("overlap_comm") is False and zero.stage > 0:
         warnings.warn("zero_optimization.overlap_comm: false is honoured at stage 0 only; ds_lab's ZeRO "
-                      "stages always overlap gradient reduction with backward", stacklevel=3)
+                      "stages start each bucket's reduction as soon as it is full (with a reduce_bucket_size "
+                      "larger than the model, that is at the end of backward)", stacklevel=3)
     return zero
 
 

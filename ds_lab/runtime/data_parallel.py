@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ds_lab import comm
-from ds_lab.runtime.mode import GradientMode, is_model_parallel
+from ds_lab.runtime.mode import GradientMode, copies_along
 from ds_lab.runtime.ready import ReadyInOrder
 
 
@@ -133,7 +133,8 @@ class DataParallel(GradientMode):
             for p in params:
                 if p not in self.master_of:
                     self.master_of[p] = torch.nn.Parameter(p.detach().clone().float())
-                    self.master_of[p].tensor_model_parallel = is_model_parallel(p)  # for the norm
+                    for attr in ("tensor_model_parallel", "pipe_tied"):  # the norm reads them
+                        setattr(self.master_of[p], attr, getattr(p, attr, False))
             masters = [self.master_of[p] for p in params]
         known = {id(m) for m in self.masters}
         self.masters.extend(m for m in masters if id(m) not in known)
@@ -159,9 +160,7 @@ class DataParallel(GradientMode):
     def prepare_master_grads(self) -> list:
         for p, master in self.master_of.items():
             master.grad = p.grad.float() if p.grad is not None else None
-        # the full gradient is replicated over data ranks (and over model ranks, unless a TP shard)
-        return [(m.grad, ("data",) + (() if is_model_parallel(m) else ("model",)))
-                for m in self.masters if m.grad is not None]
+        return [(m.grad, copies_along(m)) for m in self.masters if m.grad is not None]
 
     def release_master_grads(self) -> None:
         for master in self.master_of.values():

@@ -276,7 +276,7 @@ class DeepSpeedEngine(torch.nn.Module):
             events.publish_seconds += time.perf_counter() - t_ledger  # watching costs, counted
             events.span(phase, "compute", t0, t1, step)
             events.publish("memory", dict(step=step, phase=phase, time=t1, bytes=snapshot,
-                                          peak={c: v for c, v in self.last_peaks.items() if c != "total_at"}))
+                                          peak={c: v for c, v in self.last_peaks.items() if c not in ("total_at", "by_moment")}))
 
     def _take_model_step(self) -> None:
         overflow = self.mode.step(self.loss_scale, self.config.gradient_clipping,
@@ -341,6 +341,9 @@ class DeepSpeedEngine(torch.nn.Module):
         total = sum(snapshot[c] for c in CATEGORIES)
         if total > self.peaks.get("total", -1):
             self.peaks["total"], self.peaks["total_at"] = total, moment
+        at = self.peaks.setdefault("by_moment", {}).setdefault(moment, {})
+        for category in CATEGORIES:
+            at[category] = max(at.get(category, 0), snapshot[category])
 
     def memory_report(self) -> dict:
         """Bytes on this rank by category, from the tensors that exist now (see monitor/memory.py),

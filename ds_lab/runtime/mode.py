@@ -41,6 +41,14 @@ def is_model_parallel(p) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False))
 
 
+def copies_along(p) -> tuple:
+    """The grid axes along which a parameter (not ZeRO-partitioned) has identical copies: always data;
+    model unless it is a tensor-parallel shard; pipe when it is tied across pipeline stages
+    (`pipe_tied`, e.g. an embedding shared by the first and last stage)."""
+    return ("data",) + (() if is_model_parallel(p) else ("model",)) + \
+        (("pipe",) if getattr(p, "pipe_tied", False) else ())
+
+
 class GradientMode:
     """How gradients are synchronised and the optimizer is stepped. Subclasses: see module docstring."""
 
@@ -167,10 +175,14 @@ def global_norm(pieces, grid, device, split_axes=()) -> torch.Tensor:
     split = any(a in axes for a in set(split_axes) | {"model", "pipe"})  # the same on every rank
     owned = [t.float() for t, replicated in pieces
              if not split or all(grid.rank_in(a) == 0 for a in replicated if a in axes)]
-    norms = torch._foreach_norm(owned) if owned else [torch.zeros((), device=device)]
     if not split:  # every rank holds every gradient: exactly clip_grad_norm_'s arithmetic
+        norms = torch._foreach_norm(owned) if owned else [torch.zeros((), device=device)]
         return torch.linalg.vector_norm(torch.stack(norms))
-    sq = torch.stack(norms).pow(2).sum().reshape(1)
+    # partial sums of squares, added over ranks: in float64, so that a long flat ZeRO shard rounds
+    # no worse than clip_grad_norm_'s per-parameter norms (a float32 sum of 1e6 squares drifts ~1e-5)
+    sq = torch.zeros(1, dtype=torch.float64, device=device)
+    for t in owned:
+        sq += t.double().pow(2).sum()
     with comm.tag("grad_norm"):
         comm.all_reduce(sq, group=grid.world_group)
-    return sq.sqrt()[0]
+    return sq.sqrt()[0].float()

@@ -6,7 +6,8 @@ from ds_lab.zero.init import GatheredParameters, Init
 from ds_lab.zero.partition import buckets_in_backward_order, make_units
 from ds_lab.zero.stage1 import ZeroStage1
 from ds_lab.zero.stage2 import ZeroStage2
-from ds_lab.zero.stage3 import ZeroStage3, register_external_parameter
+from ds_lab.zero.stage3 import ZeroStage3
+from ds_lab.zero.stage3_units import register_external_parameter
 
 
 def build_zero_optimizer(zero_config, module, groups, grid, model_dtype, device):

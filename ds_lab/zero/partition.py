@@ -31,7 +31,7 @@ import math
 import torch
 
 from ds_lab import comm
-from ds_lab.runtime.mode import GradientMode, is_model_parallel, param_shape
+from ds_lab.runtime.mode import GradientMode, copies_along, param_shape
 
 
 class Unit:
@@ -111,17 +111,28 @@ class ZeroOptimizerBase(GradientMode):
                 master[unit.shard_offset:unit.shard_offset + unit.chunk] = \
                     unit.flatten(self.unit_values(unit), torch.float32)[unit.mine]
             self.masters.append(torch.nn.Parameter(master))
-        self.tp_masks = self._tensor_parallel_masks() if any(
-            is_model_parallel(p) for unit in units for p in unit.params) else None
+        self.copy_masks = self._copy_masks()
 
-    def _tensor_parallel_masks(self) -> list:
-        """Per group shard: True where an element belongs to a tensor-parallel parameter (for the norm)."""
-        masks = [torch.zeros(m.numel(), dtype=torch.bool, device=self.device) for m in self.masters]
-        for unit in self.units:
-            flags = torch.zeros(unit.padded, dtype=torch.bool, device=self.device)
-            for p, offset, shape in zip(unit.params, unit.offsets, unit.shapes):
-                flags[offset:offset + math.prod(shape)] = is_model_parallel(p)
-            masks[unit.group][unit.shard_offset:unit.shard_offset + unit.chunk] = flags[unit.mine]
+    def _copy_masks(self) -> list:
+        """Per group shard: {axes its elements are copied along, besides data: a bool mask of those
+        elements, or None when the whole shard is of one kind} — what the global norm needs."""
+        masks = []
+        for g, master in enumerate(self.masters):
+            units = [u for u in self.units if u.group == g]
+            kinds = {copies_along(p)[1:] for u in units for p in u.params} or {("model",)}
+            if len(kinds) == 1:
+                masks.append({kinds.pop(): None})
+                continue
+            by_axes = {}
+            for axes in kinds:
+                mask = torch.zeros(master.numel(), dtype=torch.bool, device=self.device)
+                for unit in units:
+                    flags = torch.zeros(unit.padded, dtype=torch.bool, device=self.device)
+                    for p, offset, shape in zip(unit.params, unit.offsets, unit.shapes):
+                        flags[offset:offset + math.prod(shape)] = copies_along(p)[1:] == axes
+                    mask[unit.shard_offset:unit.shard_offset + unit.chunk] = flags[unit.mine]
+                by_axes[axes] = mask
+            masks.append(by_axes)
         return masks
 
     @property
@@ -154,13 +165,12 @@ class ZeroOptimizerBase(GradientMode):
     def prepare_master_grads(self) -> list:
         for g, master in enumerate(self.masters):  # fp32 gradient of the shard, only for the step
             master.grad = self.grad_shard(g).float()
-        # a shard is split over data ranks. Over model ranks, the elements of tensor-parallel
-        # parameters are split too (each model rank holds its own slice), the others are copies
-        if self.tp_masks is None:
-            return [(m.grad, ("model",)) for m in self.masters]
+        # a shard is split over data ranks; along the other axes each element is split or copied as
+        # its parameter is (a tensor-parallel slice is split over model ranks, a tied one copied over pipe)
         pieces = []
-        for m, mask in zip(self.masters, self.tp_masks):
-            pieces += [(m.grad * mask, ()), (m.grad * ~mask, ("model",))]
+        for m, masks in zip(self.masters, self.copy_masks):
+            for axes, mask in masks.items():
+                pieces.append((m.grad if mask is None else m.grad * mask, axes))
         return pieces
 
     def publish_params(self) -> None:

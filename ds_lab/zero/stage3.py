@@ -7,9 +7,10 @@ What each of the N data-parallel ranks holds (mixed precision, Ψ parameters, K 
     optimizer    12Ψ/N  its chunk of fp32 master weights + Adam m + v
 
 Each module with parameters of its own is one "unit" (see `partition.py`). Around it:
-    forward pre-hook    all-gather the unit (wait for it if it was prefetched), and start one async
+    forward pre-hook    all-gather the unit (wait for it if it was prefetched), and start the async
                         all-gather of the next units in forward order not yet gathered, up to
-                        `stage3_prefetch_bucket_size` elements (each rank sends its chunks side by side)
+                        `stage3_prefetch_bucket_size` elements: the nearest one alone, the others in
+                        one collective (each rank sends its chunks side by side)
     forward post-hook   release the whole parameters (param.data becomes an empty tensor; autograd
                         keeps a reference to the Parameter, not to its data), and hook the
                         module's outputs so that their gradient arriving triggers...
@@ -48,75 +49,8 @@ import torch
 from ds_lab import comm
 from ds_lab.monitor.memory import storage_key
 from ds_lab.zero.init import forget_init_shards
-from ds_lab.zero.partition import Unit
+from ds_lab.zero.stage3_units import _Gathering, _GatheringParameters, _tensors, module_units
 from ds_lab.zero.stage2 import ZeroStage2
-
-
-def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors(o)]
-    if hasattr(out, "__dataclass_fields__"):
-        return [t for name in out.__dataclass_fields__ for t in _tensors(getattr(out, name))]
-    return []
-
-
-def module_units(module, groups: list, world_size: int, rank: int):
-    """One unit per (module, param group) for the parameters a module registers itself.
-    A parameter shared by two modules (tied weights) belongs to the first; the second module
-    gathers that unit when it runs. Returns (units, {module: [units it needs]})."""
-    group_of = {p: g for g, params in enumerate(groups) for p in params}
-    units, needs, owner = [], {}, {}
-    for _, mod in module.named_modules():
-        own = [p for p in mod._parameters.values() if p is not None and p in group_of]
-        for g in sorted({group_of[p] for p in own if p not in owner}):
-            members = [p for p in own if group_of[p] == g and p not in owner]
-            unit = Unit(len(units), members, g, world_size, rank)
-            units.append(unit)
-            for p in members:
-                owner[p] = unit
-        used = []
-        for p in own:
-            if owner[p] not in used:
-                used.append(owner[p])
-        if used:
-            needs[mod] = used
-    for _, mod in module.named_modules():  # registered external parameters (any module may own them)
-        for p in getattr(mod, "_ds_external_parameters", {}).values():
-            if p in owner and owner[p] not in needs.setdefault(mod, []):
-                needs[mod].append(owner[p])
-    return units, needs
-
-
-def register_external_parameter(module, parameter) -> None:
-    """DeepSpeed's `deepspeed.zero.register_external_parameter`: `module`'s forward reads `parameter`,
-    which another module owns; ZeRO-3 gathers it around `module` (before, or after initialize)."""
-    module.__dict__.setdefault("_ds_external_parameters", {})[id(parameter)] = parameter
-    zero = getattr(parameter, "ds_zero", None)
-    if zero is not None:
-        zero.add_external(module, parameter)
-
-
-class _GatheringParameters(dict):
-    """A module's `_parameters` under ZeRO-3: reading a parameter while modules run lets stage 3
-    register it as external to the innermost running module and gather it (see the docstring)."""
-
-    def __getitem__(self, name):
-        p = dict.__getitem__(self, name)
-        zero = getattr(p, "ds_zero", None)
-        if zero is not None and zero.running:
-            zero.read_while_running(p)
-        return p
-
-
-class _Gathering:
-    """One all-gather in flight that brings several units (see `ZeroStage3._issue_gathers`)."""
-
-    def __init__(self, units, handle, whole):
-        self.units, self.handle, self.whole = units, handle, whole
 
 
 class ZeroStage3(ZeroStage2):
@@ -285,16 +219,15 @@ class ZeroStage3(ZeroStage2):
         needs = self.needs.get(mod, [])
         self._issue_gathers(needs)
         if self.recorded:
-            self._issue_gathers(self._prefetch(self.order[self.position + 1:]))
+            self._issue_ahead(self._prefetch(self.order[self.position + 1:]))
         for unit in needs:
             self.gather(unit)
         self.position += 1
 
     def _prefetch(self, upcoming) -> list:
         """The units the next modules will need (in forward order during forward, in reverse during
-        backward), within `stage3_prefetch_bucket_size` elements: gathered together, in one
-        all-gather issued right after the current module's own (which is all it waits for). In
-        backward, a unit whose gradients are already in is never prefetched (nothing will use it)."""
+        backward), within `stage3_prefetch_bucket_size` elements, for `_issue_ahead`. In backward,
+        a unit whose gradients are already in is never prefetched (nothing will use it)."""
         budget, out = self.prefetch_elements, []  # whole elements ahead of the current module, in flight or not
         for mod in upcoming:
             for unit in self.needs.get(mod, ()):
@@ -306,6 +239,13 @@ class ZeroStage3(ZeroStage2):
                 if unit not in out:
                     out.append(unit)
         return out
+
+    def _issue_ahead(self, units) -> None:
+        """Prefetch: the unit needed first in one all-gather (the next module waits only for it),
+        all the others in a second one."""
+        units = [u for u in units if u.flat is None and u.handle is None]
+        self._issue_gathers(units[:1])
+        self._issue_gathers(units[1:])
 
     def _post_forward(self, mod, args, output):
         if self.running and self.running[-1] is mod:
@@ -327,7 +267,7 @@ class ZeroStage3(ZeroStage2):
         needs = self.needs[mod]
         self._issue_gathers(needs)
         if position > 0:
-            self._issue_gathers(self._prefetch(self.order[position - 1::-1]))
+            self._issue_ahead(self._prefetch(self.order[position - 1::-1]))
         for unit in needs:
             self.gather(unit)
 

@@ -1,0 +1,111 @@
+"""Pipeline checkpoints in DeepSpeed's layout: one file per layer, plus the engine's per-stage files.
+
+    global_step{N}/
+      layer_{i:02d}-model_states.pt      layer i's state_dict (its own names: "weight", "ln_1.bias", ...),
+                                         written by data rank 0 of the stage that holds layer i (a tied
+                                         module: under every layer index that uses it)
+      mp_rank_{s:02d}_model_states.pt    stage s: what runtime/checkpoint.py keeps (module, optimizer or
+      zero_pp_rank_*_optim_states.pt     ZeRO-1 shards, scheduler, scaler, counters, client_state)
+      pipeline.json                      how the layers were cut (parts, stages, virtual stages)
+      manifest.json                      every file above, sizes and hashes (written last, then `latest`)
+
+Loading at the same number of stages restores everything (runtime/checkpoint.py). Because the layer
+files do not depend on the partition, a checkpoint also loads into a pipeline cut differently (other
+P, other partition_method, other data-parallel size): each stage reads just the files of its own
+layers. The optimizer state is laid out per stage, so it does not cross that change; loading asks for
+`load_optimizer_states=False` (or `load_module_only=True`) then, and says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ds_lab import comm
+from ds_lab.pipe.module import TiedLayerSpec
+from ds_lab.runtime import checkpoint
+from ds_lab.runtime.safe_load import CheckpointError, safe_load
+
+
+PIPELINE_FILE = "pipeline.json"  # how the layers were cut: {"parts", "num_stages", "virtual_stages", "model"}
+
+
+def pipeline_layout(engine) -> dict:
+    module = engine.module
+    return dict(parts=list(module.parts), num_stages=module.num_stages, virtual_stages=module.virtual_stages,
+                model=engine.grid.size("model"))
+
+
+def layer_file(index: int) -> str:
+    return f"layer_{index:02d}-model_states.pt"
+
+
+def local_layers(module) -> dict:
+    """{layer index: (the module holding its weights, its parameter-name prefix in the stage module)}."""
+    out = {}
+    for chunk in module.local_chunks:
+        for index in range(module.parts[chunk], module.parts[chunk + 1]):
+            spec = module.layer_specs[index]
+            if isinstance(spec, TiedLayerSpec):
+                out[index] = (module.tied_modules[spec.key], f"tied_modules.{spec.key}.")
+            elif str(index) in module._modules:
+                out[index] = (module._modules[str(index)], f"{index}.")
+    return out
+
+
+def save(engine, save_dir, tag=None, client_state=None, save_latest=True) -> bool:
+    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+    folder = os.path.join(save_dir, tag)
+    os.makedirs(folder, exist_ok=True)
+    if engine.dp_rank == 0 and engine.grid.rank_in("model") == 0:
+        for index, (layer, _) in local_layers(engine.module).items():
+            state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            checkpoint.atomic_write(os.path.join(folder, layer_file(index)), lambda f, s=state: torch.save(s, f))
+    checkpoint.save(engine, save_dir, tag=tag, client_state=client_state, save_latest=False)
+    if comm.get_rank() == 0:  # the manifest again, now naming the layer files too; then `latest`
+        layout = json.dumps(pipeline_layout(engine)).encode()
+        checkpoint.atomic_write(os.path.join(folder, PIPELINE_FILE), lambda f: f.write(layout))
+        with open(os.path.join(folder, checkpoint.MANIFEST)) as f:
+            files = list(json.load(f))
+        files += [PIPELINE_FILE] + [layer_file(i) for i in range(len(engine.module.layer_specs)) if os.path.exists(
+            os.path.join(folder, layer_file(i)))]
+        checkpoint.write_manifest(folder, files)
+        if save_latest:
+            checkpoint.atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
+    if comm.get_world_size() > 1:
+        comm.barrier()
+    return True
+
+
+def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, load_lr_scheduler_states=True,
+         load_module_only=False):
+    tag = checkpoint.resolve_tag(load_dir, tag)
+    if tag is None:
+        return checkpoint.load(engine, load_dir)  # says "nothing loaded", returns (None, None)
+    folder = os.path.join(load_dir, tag)
+    entries = checkpoint.verify(folder)
+    layout = {}
+    if PIPELINE_FILE in entries:
+        with open(os.path.join(folder, PIPELINE_FILE)) as f:
+            layout = json.load(f)
+    if layout == pipeline_layout(engine):  # the same cut: every file of this stage fits as saved
+        return checkpoint.load(engine, load_dir, tag=tag, strict=strict, load_optimizer_states=load_optimizer_states,
+                               load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+    if load_optimizer_states and not load_module_only:
+        raise CheckpointError(f"{folder} was saved by a pipeline cut differently ({layout or 'not a pipeline'}) from "
+                              f"this one ({pipeline_layout(engine)}); its optimizer state is laid "
+                              f"out per stage. Pass load_optimizer_states=False (weights only, from the layer files)")
+    weights = {}
+    for index, (_, prefix) in local_layers(engine.module).items():
+        if layer_file(index) not in entries:
+            raise CheckpointError(f"{folder} has no {layer_file(index)}: it was not saved by a pipeline engine")
+        for name, value in safe_load(os.path.join(folder, layer_file(index))).items():
+            weights[prefix + name] = value.float()
+    names = checkpoint.param_names(engine.module)
+    checkpoint.check_shapes(engine.module, weights, folder, strict)
+    buffers = {k: v for k, v in weights.items() if k not in set(names.values())}
+    engine.module.load_state_dict(buffers, strict=False)
+    engine.mode.load(weights, {}, [], names, load_optimizer_states=False)
+    saved = safe_load(os.path.join(folder, checkpoint.model_file(0)))
+    return os.path.join(folder, checkpoint.model_file(0)), saved.get("client_state", {})
