@@ -31,7 +31,7 @@ and the ratio ds_lab / DDP two ways: the median of the per-iteration ratios, and
 medians. On a shared machine trust the first: both steps of one iteration see the same load,
 while the medians of the two sides can come from different stretches of it.
 
-Bytes: ds_lab's are read from its comm log (`ds_lab.comm.get_log()`, tag "grad_allreduce"); DDP
+Bytes: ds_lab's are read from its comm totals (`ds_lab.comm.summarize(tags=...)`, tag "grad_allreduce"); DDP
 talks to torch.distributed directly, so its row shows the gradient bytes it must all-reduce
 (4 B x parameters), the same tensor as ds_lab's flat buffer.
 
@@ -121,7 +121,7 @@ def worker(args) -> dict:
     sides = {"ds_lab": ds_step, "DDP": ddp_step}
     # count only the timed steps' collectives
     times, losses = run_interleaved(sides, loader.batch, args.warmup, args.iters, on_warm=comm.reset_log)
-    comm_records = [r for r in comm.get_log() if r.tag == "grad_allreduce"]
+    comm_rows = comm.summarize(tags=("grad_allreduce",))  # running totals: every timed step, however many
     with torch.no_grad():
         ours = torch.cat([p.flatten() for p in engine.module.parameters()])
         theirs = torch.cat([p.flatten() for p in ddp.module.parameters()])
@@ -129,9 +129,9 @@ def worker(args) -> dict:
     return dict(rank=rank, threads=torch.get_num_threads(), times=times, losses=losses,
                 param_rel_diff=param_rel_diff, num_parameters=engine.num_parameters(),
                 buckets=len(engine.reducer.buckets),
-                comm_bytes=sum(r.bytes for r in comm_records) / args.iters,
-                comm_wire_bytes=sum(r.wire_bytes for r in comm_records) / args.iters,
-                comm_calls=len(comm_records) / args.iters)
+                comm_bytes=sum(r["bytes"] * r["count"] for r in comm_rows) / args.iters,
+                comm_wire_bytes=sum(r["wire_bytes"] for r in comm_rows) / args.iters,
+                comm_calls=sum(r["count"] for r in comm_rows) / args.iters)
 
 
 def loss_rel_diff(results) -> float:

@@ -41,7 +41,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     Works inside a `ds_lab.launch`ed rank, under torchrun, and in a lone process (which becomes a
     world of size 1).
     """
-    from ds_lab.comm.topology import MpuGroups, ProcessGroups, ProcessTopology, get_grid
+    from ds_lab.comm.topology import MpuGroups, ProcessGroups, ProcessTopology, get_grid, set_grid
+    from ds_lab.parallel.autotp import apply_autotp, autotp_size_of
+    from ds_lab.parallel.state import initialize_model_parallel
     from ds_lab.modes import mode_builder
     from ds_lab.runtime.engine import DeepSpeedEngine
 
@@ -62,9 +64,14 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         grid = MpuGroups(mpu)
     elif get_grid() is not None and get_grid().world_size == comm.get_world_size():
         grid = get_grid()  # set up before the model was built (tensor-parallel layers need it)
+    elif autotp_size_of(_config_from(args, config, config_params)) > 1:  # AutoTP: T consecutive ranks per model
+        grid = initialize_model_parallel(autotp_size_of(_config_from(args, config, config_params)))
     else:
         grid = ProcessGroups(ProcessTopology(data=comm.get_world_size()))
     ds_config = DeepSpeedConfig.from_any(_config_from(args, config, config_params), world_size=grid.size("data"))
+    if ds_config.tensor_parallel.autotp_size > 1:  # shard before the engine sees the parameters
+        set_grid(grid)
+        apply_autotp(model, ds_config.tensor_parallel.autotp_size)
     check_client_optimizer(ds_config, optimizer)  # the client's wins, as in DeepSpeed: said, not silent
     check_client_scheduler(ds_config, lr_scheduler)
     if pipeline is None and "pipeline" in ds_config.raw:

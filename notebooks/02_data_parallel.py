@@ -135,7 +135,7 @@ def naive_data_parallel(batches, lr=1e-3):
                tensors=len(list(model.parameters())))
     for step, batch in enumerate(batches):
         events.current_step = step  # stamps this step on the comm spans in the timeline
-        first = len(comm.get_log())
+        mark = comm.record_count()
         t0 = time.time()
         x = rows_of(batch, rank, world_size)
         loss = model(input_ids=x, labels=x).loss
@@ -158,7 +158,7 @@ def naive_data_parallel(batches, lr=1e-3):
             events.span(name, "compute", start, end, step)
         events.publish("loss", dict(step=step, loss=loss.item()))
         events.publish("memory", dict(step=step, phase="step", time=t4, bytes=held))
-        records = comm.get_log()[first:]
+        records = comm.get_log(since=mark)
         out["losses"].append(loss.item())
         out["step_seconds"].append(t4 - t0)
         out["collectives"].append(len(records))

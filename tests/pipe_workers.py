@@ -8,6 +8,7 @@ from torch import nn
 
 import ds_lab
 from ds_lab import comm
+from ds_lab.comm.topology import ProcessTopology
 from ds_lab.models.gpt import Block, Embedding, GPTConfig
 from ds_lab.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
@@ -38,8 +39,13 @@ def gpt_layers():
             TiedLayerSpec("embed", Embedding, cfg.vocab_size, cfg.n_embd, forward_fn=lm_head)]
 
 
-def pipe_model(stages, virtual_stages=1, checkpoint_interval=0):
-    return PipelineModule(gpt_layers(), num_stages=stages, loss_fn=lm_loss, seed_layers=True,
+def pipe_model(stages, virtual_stages=1, checkpoint_interval=0, model_axis=1):
+    """model_axis > 1: the grid (pipe, data, model) with replicated (not tensor-parallel) layers on the
+    model axis: every model rank computes the same, which checks the pipeline's plumbing on a 3D grid."""
+    topology = None
+    if model_axis > 1:
+        topology = ProcessTopology(pipe=stages, data=comm.get_world_size() // (stages * model_axis), model=model_axis)
+    return PipelineModule(gpt_layers(), num_stages=stages, topology=topology, loss_fn=lm_loss, seed_layers=True,
                           virtual_stages=virtual_stages, activation_checkpoint_interval=checkpoint_interval)
 
 
@@ -76,7 +82,7 @@ def train_cases(cases, data):
     losses, grad norms, this stage's weights (data rank 0 only) and the pipeline traffic."""
     results = []
     for case in cases:
-        model = pipe_model(case["stages"], case.get("v", 1), case.get("ckpt", 0))
+        model = pipe_model(case["stages"], case.get("v", 1), case.get("ckpt", 0), case.get("model_axis", 1))
         try:
             engine, *_ = ds_lab.initialize(model=model, config=config_for(case), optimizer=optimizer_for(case["opt"]))
         except Exception as err:  # a refused configuration: its message is the result
@@ -99,7 +105,8 @@ def train_cases(cases, data):
             engine.backward(None)
         except Exception as err:
             refusal = str(err)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if d == 0 else {}
+        first_copy = d == 0 and engine.grid.rank_in("model") == 0
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if first_copy else {}
         results.append(dict(losses=losses, norms=norms, state=state, traffic=traffic, eval=eval_loss,
                             stage=engine.stage_id, parts=model.parts, timeline=engine.timeline, refusal=refusal,
                             activation_peak=activation_peak, live=live))
@@ -123,7 +130,10 @@ def reference(case, data):
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), case.get("clip", 0.3)).item())
         opt.step()
         losses.append(total / m)
-    return dict(losses=losses, norms=norms, state=model.state_dict())
+    with torch.no_grad():  # eval_batch on the first batch, after training
+        rows = [data[0][j * dp * micro:(j + 1) * dp * micro] for j in range(m)]
+        evaluated = sum(lm_loss(model.eval()(r[:, :-1]), r[:, 1:]).item() for r in rows) / m
+    return dict(losses=losses, norms=norms, state=model.state_dict(), eval=evaluated)
 
 
 def checkpoint_worker(folder, data):

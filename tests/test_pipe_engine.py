@@ -1,6 +1,6 @@
 """The pipeline engine equals one process: same seed, same global batch -> same losses, gradient norms
 and final weights (fp32, 1e-5 relative), for PP 2, 3, 4, each schedule, m in {1, 4}, tied embeddings,
-PP x DP 2 x 2, ZeRO-1 with PP; ZeRO-2/3 with PP refused. Cases share one launch per world size."""
+PP x DP 2 x 2, ZeRO-1 with PP, a (pipe, data, model) = (2, 1, 2) grid; ZeRO-2/3 with PP refused. Cases share one launch per world size."""
 import pytest
 import torch
 
@@ -22,7 +22,7 @@ CASES = {
     4: [case(4, 4, "1f1b"), case(4, 1, "afab"), case(4, 4, "interleaved", v=2), case(4, 4, "afab", "adam"),
         case(2, 4, "1f1b", dp=2), case(2, 1, "afab", dp=2), case(2, 4, "1f1b", "adam", zero=1, dp=2),
         case(2, 4, "interleaved", "sgd", zero=1, dp=2, v=2), case(2, 4, "1f1b", zero=2, dp=2),
-        case(2, 4, "1f1b", zero=3, dp=2)],
+        case(2, 4, "1f1b", zero=3, dp=2), case(2, 4, "1f1b", model_axis=2)],
 }
 
 
@@ -37,6 +37,7 @@ def assert_matches_one_process(c, ranks):
     for r in ranks:  # every rank returns the same loss (DeepSpeed's agreed value)
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
         torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0)
+        assert r["eval"] == pytest.approx(ref["eval"], rel=1e-5)
     merged = {}
     for r in ranks:
         for name, value in r["state"].items():

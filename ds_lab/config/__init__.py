@@ -79,7 +79,8 @@ from ds_lab.config.sections import (_BF16_CHECKERS, _COMMS_LOGGER_CHECKERS, _DEE
                                     _DEEPSPEED_FP16_KEYS, _DEEPSPEED_TOP_LEVEL_KEYS, _DEEPSPEED_ZERO_KEYS,
                                     _FP16_CHECKERS, _MONITOR_CHECKERS, _ZERO_CHECKERS, BF16Config, CommsLoggerConfig,
                                     FP16Config, MonitorConfig, ZeroConfig,
-                                    _check_zero_semantics, _DEEPSPEED_PIPELINE_KEYS, _PIPELINE_CHECKERS, PipelineConfig)
+                                    _check_zero_semantics, _DEEPSPEED_PIPELINE_KEYS, _PIPELINE_CHECKERS, PipelineConfig,
+                                    _DEEPSPEED_TENSOR_PARALLEL_KEYS, _TENSOR_PARALLEL_CHECKERS, TensorParallelConfig)
 
 __all__ = ["ConfigError", "DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "FP16Config", "BF16Config",
            "ZeroConfig", "CommsLoggerConfig", "MonitorConfig", "SUPPORTED_ZERO_STAGES", "SUPPORTED_OPTIMIZERS",
@@ -103,6 +104,7 @@ class DeepSpeedConfig:
     csv_monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tensorboard: MonitorConfig = field(default_factory=MonitorConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # read by the pipeline engine only
+    tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)  # AutoTP, in initialize
     raw: dict = field(default_factory=dict)  # a copy of the user's dict as given
 
     @property
@@ -194,6 +196,8 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
         tensorboard=_build(MonitorConfig, _section(raw, "tensorboard"), "tensorboard", _MONITOR_CHECKERS, {}),
         pipeline=_build(PipelineConfig, _section(raw, "pipeline"), "pipeline", _PIPELINE_CHECKERS,
                         _DEEPSPEED_PIPELINE_KEYS),
+        tensor_parallel=_build(TensorParallelConfig, _section(raw, "tensor_parallel"), "tensor_parallel",
+                               _TENSOR_PARALLEL_CHECKERS, _DEEPSPEED_TENSOR_PARALLEL_KEYS),
         raw=raw,
     )
 

@@ -76,6 +76,32 @@ _DEEPSPEED_PIPELINE_KEYS = {
 
 
 @dataclass
+class TensorParallelConfig:
+    """DeepSpeed's `tensor_parallel` section (AutoTP training): `initialize` shards the model's
+    attention and MLP projections over `autotp_size` consecutive ranks (ds_lab/parallel/autotp.py)."""
+
+    autotp_size: int = 0  # 0 or 1: off (DeepSpeed's default 0)
+    tp_overlap_comm: bool = False  # DeepSpeed's async column all-reduce; ds_lab has only the synchronous one
+
+
+def _tp_overlap_comm(value, name):
+    if _boolean(value, name):
+        raise ConfigError(f"{name}: true is not supported by ds_lab (its tensor-parallel all-reduces are "
+                          f"synchronous); remove the key or set it false")
+    return False
+
+
+_TENSOR_PARALLEL_CHECKERS = {"autotp_size": _integer, "tp_overlap_comm": _tp_overlap_comm}
+_DEEPSPEED_TENSOR_PARALLEL_KEYS = {
+    "dtype": "ds_lab takes the precision from the 'bf16' / 'fp16' sections",
+    "tp": "the tensor group is the grid's model axis, of size autotp_size", "tensor_parallel":
+    "the tensor group is the grid's model axis, of size autotp_size", "partition_config":
+    "ds_lab shards by its name rules or the model's Hugging Face tp_plan", "preset_model":
+    "ds_lab shards by its name rules or the model's Hugging Face tp_plan", "injection_policy_tuple": "",
+    "keep_module_on_host": "", "replace_with_kernel_inject": "", "kernel_inject": ""}
+
+
+@dataclass
 class CommsLoggerConfig:
     enabled: bool = False
     verbose: bool = False
@@ -106,7 +132,7 @@ _DEEPSPEED_TOP_LEVEL_KEYS = {key: "" for key in (
     "managed_gradient_accumulation", "memory_breakdown", "nebula", "prescale_gradients",
     "progressive_layer_drop", "quantize_training", "seq_parallel_comm_data_type",
     "seq_parallel_communication_data_type", "sequence_parallel_size", "sparse_attention", "sparse_gradients",
-    "tensor_parallel", "timers", "torch_autocast", "trackio", "use_data_before_expert_parallelism",
+    "timers", "torch_autocast", "trackio", "use_data_before_expert_parallelism",
     "vocabulary_size", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
     "zero_force_ds_cpu_optimizer")}
 _DEEPSPEED_TOP_LEVEL_KEYS["bfloat16"] = "DeepSpeed's old name for 'bf16'; write 'bf16'"

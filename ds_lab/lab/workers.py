@@ -65,7 +65,7 @@ def data_parallel_train(batches, model, global_batch, accumulation=1, zero=None,
                sent_early=[], lead_ms=[])
     all_grad_records = []
     for batch in batches:
-        first = len(comm.get_log())
+        mark = comm.record_count()
         start = time.perf_counter()
         micro_losses = []
         for micro in range(accumulation):
@@ -76,7 +76,7 @@ def data_parallel_train(batches, model, global_batch, accumulation=1, zero=None,
             engine.step()
             micro_losses.append(loss.item())
         out["step_seconds"].append(time.perf_counter() - start)
-        grads = [r for r in comm.get_log()[first:] if r.tag == "grad_allreduce"]
+        grads = [r for r in comm.get_log(since=mark) if r.tag == "grad_allreduce"]
         all_grad_records += grads
         last_gradient = max(grad_times)
         out["losses"].append(sum(micro_losses) / accumulation)
@@ -129,7 +129,7 @@ def zero_train(config, batches, model, use_init=False, article_call=False):
     out = dict(losses=[], step_seconds=[], calls=[], messages=[], wire=[], gathered_by_first_module=[],
                built=built)
     for batch in batches:
-        first = len(comm.get_log())
+        mark = comm.record_count()
         start = time.perf_counter()
         x = rows_of(batch, rank, world_size)
         loss = engine(input_ids=x, labels=x).loss
@@ -137,7 +137,7 @@ def zero_train(config, batches, model, use_init=False, article_call=False):
         engine.step()
         out["step_seconds"].append(time.perf_counter() - start)
         out["losses"].append(loss.float().item())
-        records = [r for r in comm.get_log()[first:] if r.tag in COMM_TAGS]
+        records = [r for r in comm.get_log(since=mark) if r.tag in COMM_TAGS]
         for key, value in _step_traffic(records).items():
             out[key].append(value)
         # all-gathered bytes requested before the first module of this forward had finished

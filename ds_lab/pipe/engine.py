@@ -19,6 +19,11 @@ The loss returned is DeepSpeed's: the mean of loss_fn over the m micro-batches o
 averaged over data-parallel replicas, broadcast along the pipe — the same value on every rank.
 ZeRO-2/3 are refused: they reduce (2) or gather (3) per micro-batch backward, which a pipeline
 runs m times per stage per batch (DeepSpeed refuses them too).
+
+Measured on every batch: `engine.timeline` (each forward/backward/reduce/step span, the stage's row
+of the Gantt chart; bubble.py turns them into the idle share), `engine.peak_live_micro_batches` and,
+on the engine's measured steps, the saved-activation peak in `memory_report()["activations_peak"]`
+(1F1B: P - s micro-batches' worth on stage s; AFAB: m). Checkpoints: checkpoint.py.
 """
 from __future__ import annotations
 
