@@ -57,11 +57,13 @@ def train_worker(kind, autotp, optimizers=("sgd", "adam"), steps=3, clip=0.5, ze
         model = build(kind)
         config = {"train_batch_size": BATCH, "gradient_clipping": clip,
                   "zero_optimization": {"stage": zero_stage}}
-        if autotp:
+        if name == "sgd_tp_model_init":  # DeepSpeed's older path: shard first, no config key
+            parallel.tp_model_init(model, tp_size=autotp, dtype=torch.float32)
+        elif autotp:
             config["tensor_parallel"] = {"autotp_size": autotp}
-        client = torch.optim.SGD(model.parameters(), **SGD) if name == "sgd" else None
+        client = torch.optim.SGD(model.parameters(), **SGD) if name.startswith("sgd") else None
         if name == "adam":
-            config["optimizer"] = {"type": "Adam", "params": {"lr": 3e-3}}
+            config["optimizer"] = {"type": "Adam", "params": {"lr": 1e-3}}
         engine, optimizer, *_ = ds_lab.initialize(model=model, optimizer=client, config=config)
         grid = engine.grid
         data_rank, data_size = grid.rank_in("data"), grid.size("data")
@@ -81,12 +83,13 @@ def train_worker(kind, autotp, optimizers=("sgd", "adam"), steps=3, clip=0.5, ze
                              optimizer_shapes=[tuple(p.shape) for g in optimizer.param_groups for p in g["params"]],
                              local_shapes={n: tuple(p.shape) for n, p in engine.module.named_parameters()},
                              coord=dict(grid.coord), train_batch_size=engine.train_batch_size(),
+                             stage=engine.zero_optimization_stage(),
                              micro=engine.train_micro_batch_size_per_gpu())
         parallel.destroy_model_parallel()
     return results
 
 
-def article_example(autotp, steps=3):
+def article_example(autotp, save_dir=None, steps=3):
     """tests/workers.py `hf_article_example` (the article's §5.2 loop: GPT-2 with its default dropout
     0.1, a client AdamW over model.parameters()), with the one AutoTP key added when autotp > 1."""
     import ds_lab as deepspeed
@@ -107,9 +110,20 @@ def article_example(autotp, steps=3):
         engine.backward(outputs.loss)
         engine.step()
         losses.append(outputs.loss.item())
+    reloaded = None
+    if save_dir is not None:  # save, then load into a fresh sharded model: the same weights back
+        engine.save_checkpoint(save_dir)
+        other = GPT2LMHeadModel(model.config)
+        fresh, *_ = deepspeed.initialize(model=other, config=config,
+                                         optimizer=torch.optim.AdamW(other.parameters(), lr=1e-4))
+        fresh.load_checkpoint(save_dir)
+        reloaded = max((a - b).abs().max().item() for a, b in zip(fresh.module.parameters(), model.parameters()))
+    attention = engine.module.transformer.h[0].attn
     weights = full_weights(engine.module)
     parallel.destroy_model_parallel()
-    return dict(losses=losses, weights=weights, steps=engine.global_steps)
+    return dict(losses=losses, weights=weights, steps=engine.global_steps, training=engine.module.training,
+                reloaded=reloaded,
+                dropout=attention.attn_dropout.p, attention=attention.config._attn_implementation)
 
 
 def refusal_worker(case):
@@ -131,3 +145,8 @@ def refusal_worker(case):
     finally:
         parallel.destroy_model_parallel()
     return None
+
+
+def refusal_worker_all():
+    return [refusal_worker(case) for case in ("heads", "partners_see_different_rows", "no_projections",
+                                              "world_not_divisible")]

@@ -10,6 +10,8 @@ import ds_lab
 from ds_lab import comm
 from ds_lab.comm.topology import ProcessTopology
 from ds_lab.models.gpt import Block, Embedding, GPTConfig
+from ds_lab.parallel import (ColumnParallelLinear, RowParallelLinear, destroy_model_parallel, gather_parameter,
+                             initialize_model_parallel)
 from ds_lab.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 SMALL = dict(vocab_size=37, block_size=8, n_layer=4, n_head=2, n_embd=12)
@@ -34,18 +36,41 @@ def lm_loss(logits, labels):
 
 def gpt_layers():
     cfg = GPTConfig(**SMALL)
-    return [TiedLayerSpec("embed", Embedding, cfg.vocab_size, cfg.n_embd), LayerSpec(Positions, cfg.block_size, cfg.n_embd),
+    return [TiedLayerSpec("embed", Embedding, cfg.vocab_size, cfg.n_embd),
+            LayerSpec(Positions, cfg.block_size, cfg.n_embd),
             *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)], LayerSpec(nn.LayerNorm, cfg.n_embd),
             TiedLayerSpec("embed", Embedding, cfg.vocab_size, cfg.n_embd, forward_fn=lm_head)]
 
 
-def pipe_model(stages, virtual_stages=1, checkpoint_interval=0, model_axis=1):
+class ParallelMLP(nn.Module):
+    """x + W2 gelu(W1 LN(x)), W1 split by columns and W2 by rows over the grid's model axis (Megatron)."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.ln = nn.LayerNorm(n_embd)
+        self.fc = ColumnParallelLinear(n_embd, 4 * n_embd)
+        self.proj = RowParallelLinear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        return x + self.proj(F.gelu(self.fc(self.ln(x))))
+
+
+def tp_layers():
+    """Pipeline stages with tensor-parallel layers inside: the 3D grid (pipe, data, model)."""
+    cfg = GPTConfig(**SMALL)
+    layers = gpt_layers()
+    return layers[:2] + [LayerSpec(ParallelMLP, cfg.n_embd), layers[2], LayerSpec(ParallelMLP, cfg.n_embd),
+                         layers[3]] + layers[-2:]
+
+
+def pipe_model(stages, virtual_stages=1, checkpoint_interval=0, model_axis=1, tensor_parallel=False):
     """model_axis > 1: the grid (pipe, data, model) with replicated (not tensor-parallel) layers on the
     model axis: every model rank computes the same, which checks the pipeline's plumbing on a 3D grid."""
     topology = None
     if model_axis > 1:
         topology = ProcessTopology(pipe=stages, data=comm.get_world_size() // (stages * model_axis), model=model_axis)
-    return PipelineModule(gpt_layers(), num_stages=stages, topology=topology, loss_fn=lm_loss, seed_layers=True,
+    layers = tp_layers() if tensor_parallel else gpt_layers()
+    return PipelineModule(layers, num_stages=stages, topology=topology, loss_fn=lm_loss, seed_layers=True,
                           virtual_stages=virtual_stages, activation_checkpoint_interval=checkpoint_interval)
 
 
@@ -82,7 +107,10 @@ def train_cases(cases, data):
     losses, grad norms, this stage's weights (data rank 0 only) and the pipeline traffic."""
     results = []
     for case in cases:
-        model = pipe_model(case["stages"], case.get("v", 1), case.get("ckpt", 0), case.get("model_axis", 1))
+        if case.get("tp"):  # Megatron's set-up: the grid first, then the model's tensor-parallel layers
+            initialize_model_parallel(case["tp"], case["stages"])
+        model = pipe_model(case["stages"], case.get("v", 1), case.get("ckpt", 0), case.get("model_axis", 1),
+                           tensor_parallel=bool(case.get("tp")))
         try:
             engine, *_ = ds_lab.initialize(model=model, config=config_for(case), optimizer=optimizer_for(case["opt"]))
         except Exception as err:  # a refused configuration: its message is the result
@@ -106,7 +134,9 @@ def train_cases(cases, data):
         except Exception as err:
             refusal = str(err)
         first_copy = d == 0 and engine.grid.rank_in("model") == 0
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if first_copy else {}
+        whole = {k: gather_parameter(v) for k, v in model.state_dict(keep_vars=True).items()}  # tensor shards joined
+        state = whole if first_copy else {}
+        destroy_model_parallel()
         results.append(dict(losses=losses, norms=norms, state=state, traffic=traffic, eval=eval_loss,
                             stage=engine.stage_id, parts=model.parts, timeline=engine.timeline, refusal=refusal,
                             activation_peak=activation_peak, live=live))
@@ -115,7 +145,7 @@ def train_cases(cases, data):
 
 def reference(case, data):
     """The same layers in one process, plain torch: losses, norms and final weights."""
-    model = pipe_model(1)
+    model = pipe_model(1, tensor_parallel=bool(case.get("tp")))
     opt = optimizer_for(case["opt"])(list(model.parameters()))
     m, micro, dp = case["m"], case["micro"], case.get("dp", 1)
     losses, norms = [], []

@@ -10,7 +10,8 @@ ds_lab has not built yet is named as such, nothing is silently ignored.
 
 Defaults, checked against DeepSpeed's source (deepspeedai/DeepSpeed master), not its docs. Sources:
 C runtime/constants.py, P runtime/precision_config.py, Z runtime/zero/config.py, L comm/constants.py,
-M monitor/config.py, F ops/adam/fused_adam.py, E runtime/engine.py + runtime/config.py.
+M monitor/config.py, F ops/adam/fused_adam.py, E runtime/engine.py + runtime/config.py,
+T runtime/tensor_parallel/config.py.
 
 | key                                      | default           | src | note                                  |
 |------------------------------------------|-------------------|-----|---------------------------------------|
@@ -26,6 +27,8 @@ M monitor/config.py, F ops/adam/fused_adam.py, E runtime/engine.py + runtime/con
 | fp16.min_loss_scale                      | 1.0               | P   |                                       |
 | bf16.enabled                             | False             | P   |                                       |
 | pipeline.stages                          | "auto"            | C   | ds_lab adds schedule, virtual_stages  |
+| tensor_parallel.autotp_size              | 0 (off)           | T   | > 1: AutoTP in initialize()           |
+| tensor_parallel.tp_overlap_comm          | False             | T   | true refused (sync all-reduces only)  |
 | zero_optimization.stage                  | 0                 | Z   |                                       |
 | reduce_bucket_size, allgather_bucket_size| 500_000_000 each  | Z   | elements                              |
 | overlap_comm                             | None              | Z   | see "departs" below                   |

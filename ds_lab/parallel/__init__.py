@@ -5,9 +5,11 @@
     layers.py     ColumnParallelLinear, RowParallelLinear, LayerNorm (sequence parallel)
     vocab.py      VocabParallelEmbedding, parallel logits, vocab_parallel_cross_entropy
     random.py     the RNG tracker: dropout equal across tensor ranks outside a region, different inside
+    autotp.py     AutoTP: `"tensor_parallel": {"autotp_size": T}` shards a model's own Linear/Conv1D projections
 
 Only ds_lab.comm and torch are imported: the layers work in any model, under any engine mode.
 """
+from ds_lab.parallel.autotp import apply_autotp, tp_model_init
 from ds_lab.parallel.layers import (ColumnParallelLinear, LayerNorm, RowParallelLinear, gather_parameter,
                                     make_tensor_parallel, mark_sequence_parallel, sequence_parallel_grad,
                                     shard_tensor)
@@ -32,3 +34,4 @@ __all__ = ["ColumnParallelLinear", "LayerNorm", "RNGStatesTracker", "RowParallel
            "parallel_lm_logits", "reduce_from_region", "reduce_scatter_to_sequence_region", "scatter_to_region",
            "scatter_to_sequence_region", "sequence_parallel_grad", "shard_tensor", "tensor_parallel_dropout",
            "vocab_parallel_cross_entropy"]
+__all__ += ["apply_autotp", "tp_model_init"]

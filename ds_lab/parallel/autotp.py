@@ -9,7 +9,8 @@ model built as usual on every rank (same seed, same weights) and swaps each proj
     attention   q|k|v (fused: stride 3, or q_proj/k_proj/v_proj)  column     out-projection   row
     MLP         up (c_fc, up_proj, gate_proj)                      column     down (c_proj, down_proj)  row
 
-so each block costs 2 all-reduces of b*s*h forward and 2 backward (tags in mappings.py). The attention
+so each block costs 2 all-reduces of b*s*h forward and 2 backward (tags in mappings.py; separate
+q/k/v or gate/up projections enter the region once, like Megatron's fused ones). The attention
 module then runs on its n_head/T local heads: its head/width attributes (num_heads, split_size,
 embed_dim, ...) are divided by T, as DeepSpeed's `update_mp_params` does. Where the plan comes from,
 as in DeepSpeed 0.19: a Hugging Face model's own `tp_plan` (Llama: q/k/v/gate/up colwise, o/down
@@ -24,19 +25,25 @@ gathered state_dict loads into the unsharded model. Sharded layers keep the *sam
 [b, n_head, s, s] mask and keeps its heads, so the random stream, and every later dropout, is the one
 process's: equal to one process on the CPU. Heads that T does not divide are refused.
 
-Files: this one (plan + swap), autotp_layers.py (the Conv1D shards, the local-heads attention).
+Tensor partners are consecutive ranks (the grid's model axis) and must see the same micro-batch: the
+first forward compares a fingerprint of the inputs over the tensor group (DeepSpeed checks it too).
+The batch rule counts data-parallel ranks only: train_batch = micro x accumulation x world / T.
+`tp_model_init(model, tp_size, dtype)` (DeepSpeed's name) shards before `initialize` instead.
+
+Files: this one (plan + swap), autotp_layers.py (Conv1D shards, shared-input columns, local heads).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import sys
 
 import torch.nn as nn
 
 from ds_lab import comm
-from ds_lab.parallel.autotp_layers import (Conv1DParallel, install_local_heads_attention, is_conv1d,
-                                           keep_parameter_identity)
+from ds_lab.parallel.autotp_layers import (Conv1DParallel, SharedInputColumn, SharedRegion,
+                                           install_local_heads_attention, is_conv1d, keep_parameter_identity)
 from ds_lab.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from ds_lab.parallel.state import model_parallel_group, model_parallel_world_size
 
@@ -92,6 +99,10 @@ def apply_autotp(model: nn.Module, tp_size: int) -> nn.Module:
             raise ValueError(f"the model was already sharded over {model.ds_autotp_size} tensor ranks, "
                              f"but tensor_parallel.autotp_size is {tp_size}; make them agree")
         return model
+    pipe = sys.modules.get("ds_lab.pipe")
+    if pipe is not None and isinstance(model, pipe.PipelineModule):
+        raise ValueError("AutoTP (tensor_parallel.autotp_size) with a PipelineModule is not supported; build the "
+                         "stages' layers from ds_lab.parallel (ColumnParallelLinear, RowParallelLinear) instead")
     if model_parallel_world_size() != tp_size:
         raise ValueError(f"tensor_parallel.autotp_size {tp_size} differs from the grid's tensor-parallel size "
                          f"{model_parallel_world_size()} (an mpu or initialize_model_parallel set it); make them agree")
@@ -102,12 +113,17 @@ def apply_autotp(model: nn.Module, tp_size: int) -> nn.Module:
                          f"for Linear/Conv1D children named {sorted(COLUMN)} (column) and {sorted(ROW)} (row), or a "
                          f"Hugging Face tp_plan; rename them, or build the model from ds_lab.parallel layers")
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # modules with several column Linears on one input (q/k/v, gate/up): they enter the region once
+    columns = [name for name, parent, child, style, _ in plan
+               if style == "column" and isinstance(getattr(parent, child), nn.Linear)]
+    owners = {name: parent for name, parent, *_ in plan}
+    regions = {name: SharedRegion(parent) for name, parent in owners.items() if columns.count(name) > 1}
     parents = {}
     for parent_name, parent, child_name, style, stride in plan:
         child = getattr(parent, child_name)
         if style == "column_gather" and id(child.weight) in tied:
             continue  # DeepSpeed: a gathered head tied to the embedding stays replicated, with it
-        setattr(parent, child_name, _shard(child, style, stride))
+        setattr(parent, child_name, _shard(child, style, stride, regions.get(parent_name)))
         if style == "column":
             parents[parent_name] = parent
     for name, parent in parents.items():
@@ -162,13 +178,17 @@ def _is_projection(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _shard(child, style, stride):
+def _shard(child, style, stride, region=None):
+    """The parallel layer for `child`, holding child's own Parameter objects (now shards)."""
     if is_conv1d(child):
         if style == "column_gather":
             raise ValueError("AutoTP: a gathered column-parallel Conv1D is not supported")
         new = Conv1DParallel(child, style, stride)
     elif style == "row":
         new = RowParallelLinear.from_full(child)
+    elif style == "column" and region is not None:
+        new = SharedInputColumn.from_full(child, stride=stride)
+        new.shared_region = region
     else:
         new = ColumnParallelLinear.from_full(child, gather_output=style == "column_gather", stride=stride)
     return keep_parameter_identity(new, child)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ds_lab.parallel.layers import _check_divisible, make_tensor_parallel, shard_tensor
+from ds_lab.parallel.layers import ColumnParallelLinear, _check_divisible, make_tensor_parallel, shard_tensor
 from ds_lab.parallel.mappings import copy_to_region, reduce_from_region
 from ds_lab.parallel.state import model_parallel_rank, model_parallel_world_size
 
@@ -69,6 +69,29 @@ class Conv1DParallel(nn.Module):
 
     def extra_repr(self):
         return f"{'column' if self.column else 'row'}, this rank: [{self.nx}, {self.nf}]"
+
+
+class SharedInputColumn(ColumnParallelLinear):
+    """A column shard among siblings fed the same input (Llama's q_proj, k_proj, v_proj; gate_proj,
+    up_proj): the first to see an input enters the region with f, the others reuse that tensor, so
+    backward sums their input gradients first and all-reduces once (Megatron's fused count), not once each."""
+
+    def forward(self, x):
+        region = self.shared_region
+        if region.source is not x:
+            region.source, region.entered = x, copy_to_region(x)
+        return F.linear(region.entered, self.weight, self.bias)
+
+
+class SharedRegion:
+    """The input the sibling columns of one module last entered with; cleared after that module's forward."""
+
+    def __init__(self, module: nn.Module):
+        self.source = self.entered = None
+        module.register_forward_hook(lambda *_: self.clear())
+
+    def clear(self):
+        self.source = self.entered = None
 
 
 def keep_parameter_identity(new: nn.Module, old: nn.Module) -> nn.Module:

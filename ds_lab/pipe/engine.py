@@ -105,7 +105,8 @@ class PipelineEngine(DeepSpeedEngine):
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):
         return pipe_checkpoint.load(self, load_dir, tag=tag, strict=load_module_strict,
                                     load_optimizer_states=load_optimizer_states,
-                                    load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+                                    load_lr_scheduler_states=load_lr_scheduler_states,
+                                    load_module_only=load_module_only)
 
     # ---- batches -----------------------------------------------------------------------------------
     def train_batch(self, data_iter=None):
