@@ -16,7 +16,7 @@ from ds_lab.launch import RankError, launch
 
 __version__ = "0.1.0"
 
-__all__ = ["initialize", "init_distributed", "launch", "comm", "ConfigError", "RankError",
+__all__ = ["initialize", "tp_model_init", "init_distributed", "launch", "comm", "ConfigError", "RankError",
            "DeepSpeedConfig", "DeepSpeedEngine", "__version__"]
 
 
@@ -41,34 +41,20 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     Works inside a `ds_lab.launch`ed rank, under torchrun, and in a lone process (which becomes a
     world of size 1).
     """
-    from ds_lab.comm.topology import MpuGroups, ProcessGroups, ProcessTopology, get_grid, set_grid
-    from ds_lab.parallel.autotp import apply_autotp, autotp_size_of
-    from ds_lab.parallel.state import initialize_model_parallel
+    from ds_lab.comm.topology import set_grid
     from ds_lab.modes import mode_builder
+    from ds_lab.parallel.autotp import apply_autotp
     from ds_lab.runtime.engine import DeepSpeedEngine
 
     if model is None:
         raise ValueError("initialize() needs model=")
     if dist_init_required is not False:
         init_distributed()
-    # the one grid every process group comes from: pipe x data x model (an mpu brings its own)
+    raw = _config_from(args, config, config_params)
     pipeline = _pipeline_module(model)
-    if pipeline is not None:  # the PipelineModule built its grid (pipe x data x model) to know its stage
-        if mpu is not None:
-            raise ValueError("a PipelineModule brings its own process grid; do not pass mpu= with it")
-        if model.grid is None and model.num_stages > 1:
-            raise ValueError("this PipelineModule was built before torch.distributed was initialised, so it "
-                             "does not know its stage; call ds_lab.init_distributed() before building it")
-        grid = model.grid or ProcessGroups(ProcessTopology(pipe=1, data=comm.get_world_size()))
-    elif mpu is not None:
-        grid = MpuGroups(mpu)
-    elif get_grid() is not None and get_grid().world_size == comm.get_world_size():
-        grid = get_grid()  # set up before the model was built (tensor-parallel layers need it)
-    elif autotp_size_of(_config_from(args, config, config_params)) > 1:  # AutoTP: T consecutive ranks per model
-        grid = initialize_model_parallel(autotp_size_of(_config_from(args, config, config_params)))
-    else:
-        grid = ProcessGroups(ProcessTopology(data=comm.get_world_size()))
-    ds_config = DeepSpeedConfig.from_any(_config_from(args, config, config_params), world_size=grid.size("data"))
+    grid = _grid_for(model, pipeline, mpu, raw)
+    # the batch rule is micro x accumulation x data-parallel degree (tensor and pipe ranks share data)
+    ds_config = DeepSpeedConfig.from_any(raw, world_size=grid.size("data"))
     if ds_config.tensor_parallel.autotp_size > 1:  # shard before the engine sees the parameters
         set_grid(grid)
         apply_autotp(model, ds_config.tensor_parallel.autotp_size)
@@ -77,9 +63,34 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if pipeline is None and "pipeline" in ds_config.raw:
         raise ConfigError("the config has a 'pipeline' section but the model is not a ds_lab.pipe.PipelineModule")
     engine = (pipeline or DeepSpeedEngine)(model, ds_config, grid, mode_builder(ds_config), optimizer=optimizer,
-                             model_parameters=model_parameters, lr_scheduler=lr_scheduler,
-                             training_data=training_data, collate_fn=collate_fn, mpu=mpu)
+                                           model_parameters=model_parameters, lr_scheduler=lr_scheduler,
+                                           training_data=training_data, collate_fn=collate_fn, mpu=mpu)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _grid_for(model, pipeline, mpu, raw_config):
+    """The one grid (pipe x data x model) every process group comes from, in this order of precedence:
+    a PipelineModule's own grid; an mpu's groups; the grid set up before the model was built
+    (initialize_model_parallel / tp_model_init); AutoTP's `tensor_parallel.autotp_size`; else every
+    rank on the data axis."""
+    from ds_lab.comm.topology import MpuGroups, ProcessGroups, ProcessTopology, get_grid
+    from ds_lab.parallel.autotp import autotp_size_of
+    from ds_lab.parallel.state import initialize_model_parallel
+
+    if pipeline is not None:  # the PipelineModule built its grid (pipe x data x model) to know its stage
+        if mpu is not None:
+            raise ValueError("a PipelineModule brings its own process grid; do not pass mpu= with it")
+        if model.grid is None and model.num_stages > 1:
+            raise ValueError("this PipelineModule was built before torch.distributed was initialised, so it "
+                             "does not know its stage; call ds_lab.init_distributed() before building it")
+        return model.grid or ProcessGroups(ProcessTopology(pipe=1, data=comm.get_world_size()))
+    if mpu is not None:
+        return MpuGroups(mpu)
+    if get_grid() is not None and get_grid().world_size == comm.get_world_size():
+        return get_grid()  # set up before the model was built (tensor-parallel layers need it)
+    if autotp_size_of(raw_config) > 1:  # AutoTP: T consecutive ranks hold one model
+        return initialize_model_parallel(autotp_size_of(raw_config))
+    return ProcessGroups(ProcessTopology(data=comm.get_world_size()))
 
 
 def _pipeline_module(model):
@@ -89,6 +100,13 @@ def _pipeline_module(model):
         return None  # nobody imported ds_lab.pipe, so model cannot be a PipelineModule
     from ds_lab.pipe import PipelineEngine, PipelineModule
     return PipelineEngine if isinstance(model, PipelineModule) else None
+
+
+def tp_model_init(model, tp_size, dtype=None, config=None, **kwargs):
+    """DeepSpeed's `deepspeed.tp_model_init`: shard `model` for AutoTP over `tp_size` ranks before
+    `initialize` (see `ds_lab/parallel/autotp.py`)."""
+    from ds_lab.parallel import tp_model_init as shard
+    return shard(model, tp_size, dtype=dtype, config=config, **kwargs)
 
 
 def __getattr__(name):

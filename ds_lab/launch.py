@@ -119,7 +119,7 @@ def _child(rank, world_size, port, backend, timeout, conn, payload, threads, for
     try:
         fn, args, kwargs = payload if forked else _loads_fn(payload)
         if comm.is_initialized():  # inherited across fork (e.g. the notebook ran initialize()):
-            comm.destroy()  # drop this process's copy; the parent keeps its own
+            comm.forget_inherited()  # drop this process's copy (never shut down: the parent owns it)
         if backend == "nccl":
             torch.cuda.set_device(rank)
         # rank 0 hosts the rendezvous store: the parent runs no store thread across the fork

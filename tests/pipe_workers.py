@@ -98,7 +98,7 @@ def config_for(case):
     cfg = {"train_micro_batch_size_per_gpu": case["micro"], "gradient_accumulation_steps": case["m"],
            "gradient_clipping": case.get("clip", 0.3), "zero_optimization": {"stage": case.get("zero", 0)}}
     if "schedule" in case:
-        cfg["pipeline"] = {"schedule": case["schedule"]}
+        cfg["pipeline"] = {"schedule": case["schedule"], **case.get("pipeline", {})}
     return cfg
 
 
@@ -195,3 +195,11 @@ def checkpoint_worker(folder, data):
                 steps=second.global_steps, reloaded={k: v.clone() for k, v in third.module.state_dict().items()},
                 weights_after={k: v.clone() for k, v in first.module.state_dict().items()},
                 weights_resumed={k: v.clone() for k, v in second.module.state_dict().items()})
+
+
+def pipeline_section_on_a_plain_model():
+    try:
+        ds_lab.initialize(model=nn.Linear(2, 2), config={"train_batch_size": 1, "pipeline": {"schedule": "afab"}})
+    except Exception as err:
+        return str(err)
+    return "accepted"

@@ -18,7 +18,11 @@ def case(stages, m, schedule, opt="sgd", **extra):
 
 CASES = {
     2: [case(2, 1, "1f1b"), case(2, 4, "1f1b"), case(2, 4, "afab"), case(2, 1, "afab", "adam"),
-        case(2, 4, "interleaved", v=2), case(2, 4, "1f1b", "adam", zero=1), case(2, 4, "1f1b", ckpt=2)],
+        case(2, 4, "interleaved", v=2), case(2, 4, "1f1b", "adam", zero=1), case(2, 4, "1f1b", ckpt=2),
+        case(1, 4, "1f1b", dp=2),  # one stage: the pipeline engine is plain data parallel
+        case(2, 4, "1f1b", pipeline={"stages": 3}, expect="pipeline.stages 3 != the PipelineModule's num_stages 2"),
+        case(2, 4, "interleaved", expect="the interleaved schedule needs virtual_stages >= 2"),
+        case(2, 3, "interleaved", v=2, expect="to be a multiple of the stage count (2)")],
     3: [case(3, 4, "1f1b"), case(3, 1, "afab"), case(3, 1, "1f1b", "adam"), case(3, 4, "afab", "adam")],
     4: [case(4, 4, "1f1b"), case(4, 1, "afab"), case(4, 4, "interleaved", v=2), case(4, 4, "afab", "adam"),
         case(2, 4, "1f1b", dp=2), case(2, 1, "afab", dp=2), case(2, 4, "1f1b", "adam", zero=1, dp=2),
@@ -35,14 +39,21 @@ def runs(request):
     return CASES[world], ds_lab.launch(pw.train_cases, world, CASES[world], DATA, timeout=60)
 
 
+def trained(c):
+    return c.get("zero", 0) < 2 and "expect" not in c
+
+
 def assert_matches_one_process(c, ranks):
     ref = pw.reference(c, DATA)
     for r in ranks:  # every rank returns the same loss (DeepSpeed's agreed value)
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
         torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0)
         assert r["eval"] == pytest.approx(ref["eval"], rel=1e-5)
-    merged = {}
+    merged, stages = {}, c["stages"]
     for r in ranks:
+        own = {i for chunk in range(r["stage"], stages * c.get("v", 1), stages)
+               for i in range(r["parts"][chunk], r["parts"][chunk + 1])}
+        assert {int(k.split(".")[0]) for k in r["state"] if not k.startswith("tied_modules.")} <= own  # built here only
         for name, value in r["state"].items():
             if name in merged:  # a tied weight: every copy equal
                 torch.testing.assert_close(value, merged[name], rtol=0, atol=0)
@@ -61,16 +72,19 @@ def test_pipeline_matches_one_process(runs):
     cases, results = runs
     for i, c in enumerate(cases):
         ranks = [r[i] for r in results]
-        if c.get("zero", 0) >= 2:
+        if not trained(c):
             continue
         assert all("error" not in r for r in ranks), (c, ranks[0].get("error"))
         assert_matches_one_process(c, ranks)
 
 
-def test_zero_2_and_3_are_refused_with_pipeline_parallelism(runs):
+def test_zero_2_and_3_and_mismatched_pipeline_settings_are_refused(runs):
     cases, results = runs
-    refused = [(c, r[i]) for i, c in enumerate(cases) for r in results if c.get("zero", 0) >= 2]
+    refused = [(c, r[i]) for i, c in enumerate(cases) for r in results if not trained(c)]
     for c, r in refused:
+        if "expect" in c:
+            assert c["expect"] in r["error"]
+            continue
         assert f"ZeRO stage {c['zero']} is incompatible with pipeline parallelism" in r["error"]
         assert "use zero_optimization.stage 0 or 1" in r["error"]
 
@@ -79,7 +93,7 @@ def test_activations_cross_once_per_micro_batch_and_shapes_once(runs):
     cases, results = runs
     activation = MICRO * pw.SMALL["block_size"] * pw.SMALL["n_embd"] * 4  # b s h fp32 bytes
     for i, c in enumerate(cases):
-        if c.get("zero", 0) >= 2:
+        if not trained(c):
             continue
         boundaries = c["stages"] * c.get("v", 1) - 1  # per micro-batch, summed over the stages
         sent = [r[i]["traffic"] for r in results if r[i]["state"]]  # data rank 0 of each stage
@@ -91,7 +105,7 @@ def test_activations_cross_once_per_micro_batch_and_shapes_once(runs):
 def test_eval_batch_agrees_on_every_rank_and_backward_points_to_train_batch(runs):
     cases, results = runs
     for i, c in enumerate(cases):
-        if c.get("zero", 0) >= 2:
+        if not trained(c):
             continue
         assert len({r[i]["eval"] for r in results}) == 1
         assert all("train_batch" in r[i]["refusal"] for r in results)
@@ -104,7 +118,7 @@ def test_1f1b_keeps_at_most_p_minus_s_micro_batches_alive_and_afab_all_m(runs):
     cases, results = runs
     by_schedule = {}
     for i, c in enumerate(cases):
-        if c.get("v", 1) == 1 and c["m"] == 4 and c.get("zero", 0) < 2 and c.get("dp", 1) == 1 and not c.get("ckpt"):
+        if c.get("v", 1) == 1 and c["m"] == 4 and trained(c) and c.get("dp", 1) == 1 and not c.get("ckpt"):
             for r in results:
                 bound = c["stages"] - r[i]["stage"] if c["schedule"] == "1f1b" else c["m"]
                 assert r[i]["live"] == bound

@@ -34,7 +34,7 @@ from ds_lab.comm.trace import (RECENT_RECORDS, CommRecord, add_listener, bus_fac
 __all__ = ["CommRecord", "CollectiveTimeoutError", "ReduceOp", "RECENT_RECORDS", "add_listener", "all_gather",
            "all_reduce", "all_to_all", "barrier", "broadcast", "bus_factor", "configure_logger", "default_backend",
            "destroy", "device", "format_summary", "get_backend", "get_global_rank", "get_log", "get_rank",
-           "get_world_size", "init_distributed", "irecv", "is_initialized", "isend", "log_summary", "new_group",
+           "forget_inherited", "get_world_size", "init_distributed", "irecv", "is_initialized", "isend", "log_summary", "new_group",
            "record_count", "recv", "remove_listener", "reset_log", "send", "summarize", "tag", "tcp_store"]
 
 ReduceOp = dist.ReduceOp
@@ -204,6 +204,29 @@ def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: f
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+_inherited: list = []  # process groups a forked child copied from its parent: kept, never shut down
+
+
+def forget_inherited() -> None:
+    """In a forked child: take the parent's process groups off torch.distributed's books *without*
+    shutting them down. Their worker threads exist only in the parent, so a shutdown or a destructor
+    here can wait for them forever; the objects are kept alive until the child exits instead."""
+    if not is_initialized():
+        return
+    from torch.distributed import distributed_c10d as c10d
+    world = c10d._world
+    try:
+        _inherited.extend(world.pg_map)
+        c10d._update_default_pg(None)
+        for books in ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "pg_to_tag", "tags_to_pg",
+                      "pg_coalesce_state"):
+            getattr(world, books, {}).clear()
+        world.group_count = 0
+        getattr(c10d, "_unregister_all_process_groups", lambda: None)()
+    except AttributeError:  # another torch layout: fall back to the public call
+        destroy()
 
 
 def device() -> torch.device:

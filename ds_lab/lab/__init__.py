@@ -3,6 +3,8 @@
     workers.py   functions run on every rank by `ds_lab.launch` (data parallel, ZeRO)
     measure.py   measurements that do not ask the engine (a census of live tensors, hooks of our own)
     tables.py    the model-states tables the chapters print
+    model_parallel.py  rank functions for tensor and pipeline parallelism (chapter 4)
+    drawings.py  pipeline Gantt charts and the (pipe, data, model) grid, drawn without a run
 
 A chapter imports these and never pastes them; a function here is importable, so a spawned rank
 (NCCL on GPUs) finds it too.
@@ -11,7 +13,14 @@ from ds_lab.lab.measure import (ConstructionProbe, WholeParameterProbe, bucket_s
                                 own_parameter_counts, padded, padded_sizes, tensor_census)
 from ds_lab.lab.tables import STATES, model_states, states_table, states_vs_formula_table
 from ds_lab.lab.workers import data_parallel_train, global_losses, rows_of, zero_train
+from ds_lab.lab.model_parallel import (gpt_pipeline_layers, next_token_pairs, pipeline_reference, pipeline_train,
+                                       sgd, split_matmul, tensor_parallel_mlp, tensor_parallel_traffic,
+                                       tensor_parallel_train)
+from ds_lab.lab.drawings import compute_spans, draw_gantt, draw_topology, gantt_legend, planned_spans
 
 __all__ = ["ConstructionProbe", "WholeParameterProbe", "bucket_sizes", "census_since", "own_parameter_counts",
            "padded", "padded_sizes", "tensor_census", "STATES", "model_states", "states_table",
-           "states_vs_formula_table", "data_parallel_train", "global_losses", "rows_of", "zero_train"]
+           "states_vs_formula_table", "data_parallel_train", "global_losses", "rows_of", "zero_train",
+           "gpt_pipeline_layers", "next_token_pairs", "pipeline_reference", "pipeline_train", "sgd", "split_matmul",
+           "tensor_parallel_mlp", "tensor_parallel_traffic", "tensor_parallel_train", "compute_spans", "draw_gantt",
+           "draw_topology", "gantt_legend", "planned_spans"]

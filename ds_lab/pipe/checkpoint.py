@@ -13,12 +13,15 @@ Loading at the same number of stages restores everything (runtime/checkpoint.py)
 files do not depend on the partition, a checkpoint also loads into a pipeline cut differently (other
 P, other partition_method, other data-parallel size): each stage reads just the files of its own
 layers. The optimizer state is laid out per stage, so it does not cross that change; loading asks for
-`load_optimizer_states=False` (or `load_module_only=True`) then, and says so.
+`load_optimizer_states=False` (or `load_module_only=True`) then, and says so. Layer files hold the
+module's own dtype (bf16 weights in bf16, as DeepSpeed's); with tensor parallelism each model rank writes
+`layer_{i:02d}-model_{t:02d}-model_states.pt`, loadable at the same tensor-parallel size only.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
@@ -37,7 +40,10 @@ def pipeline_layout(engine) -> dict:
                 model=engine.grid.size("model"))
 
 
-def layer_file(index: int) -> str:
+def layer_file(index: int, grid=None) -> str:
+    """DeepSpeed's names; with tensor parallelism each model rank keeps its own shard of the layer."""
+    if grid is not None and grid.size("model") > 1:
+        return f"layer_{index:02d}-model_{grid.rank_in('model'):02d}-model_states.pt"
     return f"layer_{index:02d}-model_states.pt"
 
 
@@ -58,18 +64,18 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True) -> boo
     tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
     folder = os.path.join(save_dir, tag)
     os.makedirs(folder, exist_ok=True)
-    if engine.dp_rank == 0 and engine.grid.rank_in("model") == 0:
+    if engine.dp_rank == 0:
         for index, (layer, _) in local_layers(engine.module).items():
             state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-            checkpoint.atomic_write(os.path.join(folder, layer_file(index)), lambda f, s=state: torch.save(s, f))
+            path = os.path.join(folder, layer_file(index, engine.grid))
+            checkpoint.atomic_write(path, lambda f, s=state: torch.save(s, f))
     checkpoint.save(engine, save_dir, tag=tag, client_state=client_state, save_latest=False)
     if comm.get_rank() == 0:  # the manifest again, now naming the layer files too; then `latest`
         layout = json.dumps(pipeline_layout(engine)).encode()
         checkpoint.atomic_write(os.path.join(folder, PIPELINE_FILE), lambda f: f.write(layout))
         with open(os.path.join(folder, checkpoint.MANIFEST)) as f:
             files = list(json.load(f))
-        files += [PIPELINE_FILE] + [layer_file(i) for i in range(len(engine.module.layer_specs)) if os.path.exists(
-            os.path.join(folder, layer_file(i)))]
+        files += [PIPELINE_FILE] + sorted(f for f in os.listdir(folder) if re.fullmatch(r"layer_\d+-.*\.pt", f))
         checkpoint.write_manifest(folder, files)
         if save_latest:
             checkpoint.atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
@@ -96,11 +102,15 @@ def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, lo
         raise CheckpointError(f"{folder} was saved by a pipeline cut differently ({layout or 'not a pipeline'}) from "
                               f"this one ({pipeline_layout(engine)}); its optimizer state is laid "
                               f"out per stage. Pass load_optimizer_states=False (weights only, from the layer files)")
+    if layout and layout["model"] != engine.grid.size("model"):
+        raise CheckpointError(f"{folder} was saved with tensor-parallel size {layout['model']}, this engine has "
+                              f"{engine.grid.size('model')}: its layer files hold shards of that size")
     weights = {}
     for index, (_, prefix) in local_layers(engine.module).items():
-        if layer_file(index) not in entries:
-            raise CheckpointError(f"{folder} has no {layer_file(index)}: it was not saved by a pipeline engine")
-        for name, value in safe_load(os.path.join(folder, layer_file(index))).items():
+        file = layer_file(index, engine.grid)
+        if file not in entries:
+            raise CheckpointError(f"{folder} has no {file}: it was not saved by a pipeline engine")
+        for name, value in safe_load(os.path.join(folder, file)).items():
             weights[prefix + name] = value.float()
     names = checkpoint.param_names(engine.module)
     checkpoint.check_shapes(engine.module, weights, folder, strict)
