@@ -78,10 +78,11 @@ def _run(op: str, nbytes: int, group, async_op: bool, thunk):
     t0 = time.perf_counter()
     work = _call(rec, thunk)
     if async_op:
-        try:  # time the op when it completes, in the backend's thread: no sync forced here
-            work.get_future().add_done_callback(lambda _: finish_record(rec, t0))
-        except (RuntimeError, AttributeError):
-            pass  # no future for this op (e.g. gloo send/recv): timed when waited on
+        if op not in ("send", "recv"):  # gloo's point-to-point ops have no future: timed when waited on
+            try:  # time the op when it completes, in the backend's thread: no sync forced here
+                work.get_future().add_done_callback(lambda _: finish_record(rec, t0))
+            except (RuntimeError, AttributeError):
+                pass  # no future for this op on this backend: timed when waited on
         return Handle(work, rec, t0)
     finish_record(rec, t0)
     return None

@@ -9,13 +9,16 @@
       pipeline.json                      how the layers were cut (parts, stages, virtual stages)
       manifest.json                      every file above, sizes and hashes (written last, then `latest`)
 
-Loading at the same number of stages restores everything (runtime/checkpoint.py). Because the layer
-files do not depend on the partition, a checkpoint also loads into a pipeline cut differently (other
-P, other partition_method, other data-parallel size): each stage reads just the files of its own
-layers. The optimizer state is laid out per stage, so it does not cross that change; loading asks for
-`load_optimizer_states=False` (or `load_module_only=True`) then, and says so. Layer files hold the
-module's own dtype (bf16 weights in bf16, as DeepSpeed's); with tensor parallelism each model rank writes
-`layer_{i:02d}-model_{t:02d}-model_states.pt`, loadable at the same tensor-parallel size only.
+Loading at the same cut restores everything (runtime/checkpoint.py). A checkpoint also loads into a
+pipeline cut differently (other P, other partition_method, other data-parallel or tensor-parallel
+size): a stage's parameter names are its layers' global names ("3.attn.c_attn.weight",
+"tied_modules.embed.weight"), so the tensors of every stage and tensor rank are merged whole, by
+name, in fp32 (from the mp_rank files' masters or ZeRO shards: exact even when the layers ran in
+bf16), and each rank cuts its own (runtime/reshard.py). The ZeRO-1 optimizer state is merged and
+cut the same way; stage 0's is kept by parameter index per stage, so from or to stage 0 loading
+asks for `load_optimizer_states=False` (or `load_module_only=True`) there, and says so.
+Layer files hold the module's own dtype (bf16 weights in bf16, as DeepSpeed's); with tensor
+parallelism each model rank t writes `layer_{i:02d}-model_{t:02d}-model_states.pt`, its shard.
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ import torch
 from ds_lab import comm
 from ds_lab.pipe.module import TiedLayerSpec
 from ds_lab.runtime import checkpoint
-from ds_lab.runtime.safe_load import CheckpointError, safe_load
 
 
 PIPELINE_FILE = "pipeline.json"  # how the layers were cut: {"parts", "num_stages", "virtual_stages", "model"}
@@ -95,27 +97,7 @@ def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, lo
     if PIPELINE_FILE in entries:
         with open(os.path.join(folder, PIPELINE_FILE)) as f:
             layout = json.load(f)
-    if layout == pipeline_layout(engine):  # the same cut: every file of this stage fits as saved
-        return checkpoint.load(engine, load_dir, tag=tag, strict=strict, load_optimizer_states=load_optimizer_states,
-                               load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
-    if load_optimizer_states and not load_module_only:
-        raise CheckpointError(f"{folder} was saved by a pipeline cut differently ({layout or 'not a pipeline'}) from "
-                              f"this one ({pipeline_layout(engine)}); its optimizer state is laid "
-                              f"out per stage. Pass load_optimizer_states=False (weights only, from the layer files)")
-    if layout and layout["model"] != engine.grid.size("model"):
-        raise CheckpointError(f"{folder} was saved with tensor-parallel size {layout['model']}, this engine has "
-                              f"{engine.grid.size('model')}: its layer files hold shards of that size")
-    weights = {}
-    for index, (_, prefix) in local_layers(engine.module).items():
-        file = layer_file(index, engine.grid)
-        if file not in entries:
-            raise CheckpointError(f"{folder} has no {file}: it was not saved by a pipeline engine")
-        for name, value in safe_load(os.path.join(folder, file)).items():
-            weights[prefix + name] = value.float()
-    names = checkpoint.param_names(engine.module)
-    checkpoint.check_shapes(engine.module, weights, folder, strict)
-    buffers = {k: v for k, v in weights.items() if k not in set(names.values())}
-    engine.module.load_state_dict(buffers, strict=False)
-    engine.mode.load(weights, {}, [], names, load_optimizer_states=False)
-    saved = safe_load(os.path.join(folder, checkpoint.model_file(0)))
-    return os.path.join(folder, checkpoint.model_file(0)), saved.get("client_state", {})
+    # the same cut: every file of this stage fits as saved; cut differently: merged by name, cut again
+    return checkpoint.load(engine, load_dir, tag=tag, strict=strict, load_optimizer_states=load_optimizer_states,
+                           load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+                           reshape=layout != pipeline_layout(engine))

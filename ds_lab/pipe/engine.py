@@ -149,6 +149,7 @@ class PipelineEngine(DeepSpeedEngine):
         # saved activations are measured over the whole batch (the peak is what the schedule keeps alive:
         # 1F1B at most P - s micro-batches on stage s, AFAB all m), on the engine's usual steps
         watch = train and (self.track_activations or self.global_steps == 0 or events.enabled())
+        self._measuring = watch  # the peak ledger samples only the batches measured (see engine._probe)
         with self.activations.track() if watch else contextlib.nullcontext():
             for step in sched:
                 for cmd in step:

@@ -9,9 +9,17 @@
         zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt   ZeRO: data rank d's shard of slice m
         manifest.json                     every file's size and sha256: its presence means "complete"
 
+Each model file also records the grid it was saved at (`grid`: pipe, data, model) and, for every
+tensor-parallel parameter, [partition_dim, partition_stride, whole size] (`tensor_parallel`).
+
 Loading goes by parameter *name*: the weights are merged into whole fp32 tensors (from the shards,
 the fp32 masters, or the module), every name and shape is checked against the model, and the mode
-cuts what it keeps. So any ZeRO stage and any data-parallel size loads any other's checkpoint.
+cuts what it keeps. So any ZeRO stage and any data-parallel size loads any other's checkpoint (the
+optimizer state too when both keep it alike: stage 0 with stage 0, ZeRO 1-3 with each other).
+At another model-parallel shape (pipe x model) the tensors of *all* model files are merged and cut
+again for this rank (reshard.py): the weights load exactly; the optimizer state follows from ZeRO
+1-3 to ZeRO 1-3 (merged by name like the weights); stage 0's, kept by parameter index per slice, is
+refused there (load_optimizer_states=False says "weights only").
 
 Crash safety: each file is written to a temporary name, flushed to disk, then renamed into place
 (a rename is atomic). The manifest is written after every file of the tag is in place, and `latest`
@@ -32,6 +40,7 @@ import tempfile
 import torch
 
 from ds_lab import comm
+from ds_lab.runtime import reshard
 from ds_lab.runtime.safe_load import CheckpointError, safe_load
 
 MODEL_FILE = "mp_rank_00_model_states.pt"  # model slice 0; see model_file()
@@ -138,6 +147,8 @@ def engine_state(engine) -> dict:
         global_steps=engine.global_steps, global_samples=engine.global_samples,
         micro_steps=engine.micro_steps, skipped_steps=engine.skipped_steps,
         dp_world_size=engine.dp_world_size, mp_world_size=engine.grid.mp_world_size,
+        grid={axis: engine.grid.size(axis) for axis in ("pipe", "data", "model")},
+        tensor_parallel=reshard.tensor_parallel_layout(engine.module, names, engine.grid.size("model")),
         zero_stage=engine.mode.stage, ds_config=engine.config.raw,
     )
 
@@ -249,12 +260,15 @@ def check_shapes(module, weights: dict, folder: str, strict: bool) -> None:
 
 
 def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, load_lr_scheduler_states=True,
-         load_module_only=False):
+         load_module_only=False, reshape=False):
     """Returns (load_path, client_state), or (None, None) when there is no checkpoint, as DeepSpeed.
 
     Any mode loads any other mode's weights, at any data-parallel size (partitioned weights are
     merged by name, then cut for this engine). Optimizer state follows when the saved mode keeps it
-    the same way (stage 0 with stage 0; ZeRO 1-3 with each other, resharded)."""
+    the same way (stage 0 with stage 0; ZeRO 1-3 with each other, resharded).
+    At another model-parallel shape (pipe x model), or with reshape=True (a pipeline cut
+    differently), the weights are merged whole from every file and cut again (reshard.py); the
+    optimizer state follows from ZeRO 1-3 to ZeRO 1-3, and is refused otherwise."""
     tag = resolve_tag(load_dir, tag)
     if tag is None:
         if comm.get_rank() == 0:
@@ -262,32 +276,19 @@ def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, lo
         return None, None
     folder = os.path.join(load_dir, tag)
     entries = verify(folder)
-    mp_rank = engine.grid.mp_rank
-    path = os.path.join(folder, model_file(mp_rank))
-    if model_file(mp_rank) not in entries:
-        raise CheckpointError(f"{folder} has no {model_file(mp_rank)}: it was saved with fewer model-parallel "
-                              f"ranks than this engine's {engine.grid.mp_world_size}")
-    state = safe_load(path)
-    saved_mp = state.get("mp_world_size", 1)
-    if saved_mp != engine.grid.mp_world_size:
-        raise CheckpointError(f"{folder} was saved with {saved_mp} model-parallel ranks (pipe x model); "
-                              f"this engine has {engine.grid.mp_world_size}: load it with the same")
-    shards = [safe_load(os.path.join(folder, f)) for f in shard_files(folder, mp_rank) if f in entries]
-    weights = saved_weights(state, shards)
-    check_shapes(engine.module, weights, folder, strict)
-    names = param_names(engine.module)
-    buffers = {k: v for k, v in state["module"].items() if k not in state["param_aliases"]}
-    missing = engine.module.load_state_dict(buffers, strict=False)
-    if strict and missing.unexpected_keys:
-        raise CheckpointError(f"{folder} has buffers this model lacks: {missing.unexpected_keys}")
-    same_kind = (state["zero_stage"] == 0) == (engine.mode.stage == 0)
+    if model_file(0) not in entries:
+        raise CheckpointError(f"{folder} has no {model_file(0)}: it is not a ds_lab checkpoint")
+    first = safe_load(os.path.join(folder, model_file(0)))
+    saved, grid = reshard.saved_shape(first), engine.grid
+    here = dict(pipe=grid.size("pipe"), model=grid.size("model"))
     optimizer_states = load_optimizer_states and not load_module_only
-    if optimizer_states and not same_kind:
-        raise CheckpointError(f"{folder} was saved at ZeRO stage {state['zero_stage']}; this engine runs stage "
-                              f"{engine.mode.stage}, whose optimizer state is laid out differently. Pass "
-                              f"load_optimizer_states=False to load the weights only")
-    engine.mode.load(weights, state.get("mode") or {}, shards if optimizer_states else [], names,
-                     load_optimizer_states=optimizer_states)
+    if reshape or (saved["pipe"], saved["model"]) != (here["pipe"], here["model"]):
+        path, state = os.path.join(folder, model_file(0)), first
+        _load_reshaped(engine, folder, entries, first, strict, optimizer_states)
+    else:
+        path = os.path.join(folder, model_file(grid.mp_rank))
+        state = first if grid.mp_rank == 0 else safe_load(path)
+        _load_same_shape(engine, folder, entries, state, strict, optimizer_states)
     if load_module_only:  # DeepSpeed: the module only; counters, scheduler and scaler stay as they are
         return path, state["client_state"]
     if engine.loss_scaler is not None and state["loss_scaler"] is not None:
@@ -297,3 +298,38 @@ def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, lo
     for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
         setattr(engine, key, state[key])
     return path, state["client_state"]
+
+
+def _load_same_shape(engine, folder, entries, state, strict, optimizer_states) -> None:
+    """The same pipe x model slices: this slice's own files (any data-parallel size, any stage)."""
+    mp_rank = engine.grid.mp_rank
+    shards = [safe_load(os.path.join(folder, f)) for f in shard_files(folder, mp_rank) if f in entries]
+    weights = saved_weights(state, shards)
+    check_shapes(engine.module, weights, folder, strict)
+    names = param_names(engine.module)
+    buffers = {k: v for k, v in state["module"].items() if k not in state["param_aliases"]}
+    missing = engine.module.load_state_dict(buffers, strict=False)
+    if strict and missing.unexpected_keys:
+        raise CheckpointError(f"{folder} has buffers this model lacks: {missing.unexpected_keys}")
+    same_kind = (state["zero_stage"] == 0) == (engine.mode.stage == 0)
+    if optimizer_states and not same_kind:
+        raise CheckpointError(f"{folder} was saved at ZeRO stage {state['zero_stage']}; this engine runs stage "
+                              f"{engine.mode.stage}, whose optimizer state is laid out differently. Pass "
+                              f"load_optimizer_states=False to load the weights only")
+    engine.mode.load(weights, state.get("mode") or {}, shards if optimizer_states else [], names,
+                     load_optimizer_states=optimizer_states)
+
+
+def _load_reshaped(engine, folder, entries, first, strict, optimizer_states) -> None:
+    """Another pipe x model shape: every parameter merged whole from all files, checked against the
+    unsharded shapes, this rank's tensor-parallel piece cut, then the mode's cut. The optimizer
+    state too, ZeRO to ZeRO (reshard.zero_optimizer_shard); otherwise it is refused."""
+    files = reshard.read_all(folder, entries, first)
+    merged = reshard.whole_state(folder, entries, files=files)
+    whole_model = engine.grid.size("pipe") == 1 and merged["shape"]["pipe"] == 1
+    weights = reshard.local_weights(engine.module, merged["weights"], folder, strict, whole_model, engine.grid)
+    names = param_names(engine.module)
+    shards = [reshard.zero_optimizer_shard(files, engine.mode, names, engine.grid, folder)] if optimizer_states else []
+    own = set(engine.module.state_dict().keys())
+    engine.module.load_state_dict({k: v for k, v in merged["buffers"].items() if k in own}, strict=False)
+    engine.mode.load(weights, {}, shards, names, load_optimizer_states=optimizer_states)

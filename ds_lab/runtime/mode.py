@@ -164,6 +164,9 @@ class GradientMode:
         return bool(t.item())
 
 
+LONG = 1 << 16  # tensors this long (flat ZeRO shards) have their squares summed in float64 directly
+
+
 def global_norm(pieces, grid, device, split_axes=()) -> torch.Tensor:
     """sqrt of the sum of squares of every gradient element of the model, each counted once.
 
@@ -180,9 +183,13 @@ def global_norm(pieces, grid, device, split_axes=()) -> torch.Tensor:
         return torch.linalg.vector_norm(torch.stack(norms))
     # partial sums of squares, added over ranks: in float64, so that a long flat ZeRO shard rounds
     # no worse than clip_grad_norm_'s per-parameter norms (a float32 sum of 1e6 squares drifts ~1e-5)
+    small = [t for t in owned if t.numel() < LONG]
     sq = torch.zeros(1, dtype=torch.float64, device=device)
+    if small:  # per-tensor norms in one fused call, their squares added in float64
+        sq += torch.stack(torch._foreach_norm(small)).double().pow(2).sum()
     for t in owned:
-        sq += t.double().pow(2).sum()
+        if t.numel() >= LONG:
+            sq += t.double().pow(2).sum()
     with comm.tag("grad_norm"):
         comm.all_reduce(sq, group=grid.world_group)
     return sq.sqrt()[0].float()
