@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
 
@@ -56,7 +55,7 @@ import ds_lab  # noqa: E402
 from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
-from interleave import PHASES, common_args, median_ms, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
+from interleave import PHASES, agreement_line, common_args, exit_if_losses_differ, median_ms, ratio_lines, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
 
 MIB = 2**20
 LOSS_RTOL = 1e-5
@@ -134,12 +133,6 @@ def worker(args) -> dict:
                 comm_calls=sum(r["count"] for r in comm_rows) / args.iters)
 
 
-def loss_rel_diff(results) -> float:
-    """Largest |loss_ds_lab - loss_DDP| / |loss_DDP| over every step and rank."""
-    return max(abs(a - b) / abs(b) for r in results
-               for a, b in zip(r["losses"]["ds_lab"], r["losses"]["DDP"]))
-
-
 def report(args, results) -> str:
     r0 = results[0]
     t = r0["times"]
@@ -164,21 +157,11 @@ def report(args, results) -> str:
         lines.append(f"| {name} | {median_ms(t[name]['total']):.2f} | "
                      + " | ".join(f"{median_ms(t[name][ph]):.2f}" for ph in PHASES) + f" | {nbytes} |")
     lines.append("")
-    for r in results:
-        ds, dd = r["times"]["ds_lab"]["total"], r["times"]["DDP"]["total"]
-        per_iter = statistics.median(a / b for a, b in zip(ds, dd))
-        lines.append(f"rank {r['rank']}: ds_lab {median_ms(ds):.2f} ms, DDP {median_ms(dd):.2f} ms; "
-                     f"ratio ds_lab/DDP: median of per-iteration ratios {per_iter:.3f}, "
-                     f"ratio of medians {statistics.median(ds) / statistics.median(dd):.3f}")
-    loss_diff = loss_rel_diff(results)
-    param_diff = max(r["param_rel_diff"] for r in results)
+    lines += ratio_lines(results, "DDP")
     # Equal up to rounding, not bitwise, while clipping acts: the clip coefficient is a Python
     # float in ds_lab and a float32 tensor in clip_grad_norm_ (with --clip 1e9 the two sides are
     # bitwise equal), and Adam's 1/sqrt(v) magnifies last-bit differences in the parameters.
-    lines.append(f"losses agree: {loss_diff <= LOSS_RTOL} (max relative loss difference over "
-                 f"{args.warmup + args.iters} steps and all ranks {loss_diff:.1e}; parameters at the end "
-                 f"|p_ds_lab - p_DDP| / |p_DDP| = {param_diff:.1e}; rank 0 loss "
-                 f"{r0['losses']['ds_lab'][0]:.4f} -> {r0['losses']['ds_lab'][-1]:.4f})")
+    lines.append(agreement_line(args, results, "DDP", LOSS_RTOL, "parameters"))
     return "\n".join(lines)
 
 
@@ -186,10 +169,7 @@ def main(argv=None):
     args = parse_args(argv)
     results = ds_lab.launch(worker, args.world_size, args)
     print(report(args, results))
-    worst = loss_rel_diff(results)
-    if worst > LOSS_RTOL:
-        sys.exit(f"ds_lab and DDP losses differ by up to {worst:.1e} (relative): the timing compares "
-                 "different computations")
+    exit_if_losses_differ(results, "DDP", LOSS_RTOL)
 
 
 if __name__ == "__main__":

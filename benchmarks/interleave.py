@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch.distributed as dist
@@ -74,3 +75,41 @@ def training_config(args, optimizer_type: str = "AdamW") -> dict:
                                                           "weight_decay": args.weight_decay}},
         "gradient_clipping": args.clip,
     }
+
+
+# ---- what every comparison prints and checks: ds_lab against one baseline ------------------------
+def loss_rel_diff(results, baseline: str) -> float:
+    """Largest |loss_ds_lab - loss_baseline| / |loss_baseline| over every step and rank."""
+    return max(abs(a - b) / abs(b) for r in results
+               for a, b in zip(r["losses"]["ds_lab"], r["losses"][baseline]))
+
+
+def ratio_lines(results, baseline: str) -> list:
+    """Per rank: both medians and the ratio ds_lab/baseline two ways. Trust the median of the
+    per-iteration ratios on a shared machine (both steps of one iteration see the same load)."""
+    lines = []
+    for r in results:
+        ds, base = r["times"]["ds_lab"]["total"], r["times"][baseline]["total"]
+        per_iter = statistics.median(a / b for a, b in zip(ds, base))
+        lines.append(f"rank {r['rank']}: ds_lab {median_ms(ds):.2f} ms, {baseline} {median_ms(base):.2f} ms; "
+                     f"ratio ds_lab/{baseline}: median of per-iteration ratios {per_iter:.3f}, "
+                     f"ratio of medians {statistics.median(ds) / statistics.median(base):.3f}")
+    return lines
+
+
+def agreement_line(args, results, baseline: str, rtol: float, params: str = "parameters") -> str:
+    """Correctness rides along: the losses agree, and how far the final parameters are apart."""
+    loss_diff = loss_rel_diff(results, baseline)
+    param_diff = max(r["param_rel_diff"] for r in results)
+    r0 = results[0]
+    return (f"losses agree: {loss_diff <= rtol} (max relative loss difference over "
+            f"{args.warmup + args.iters} steps and all ranks {loss_diff:.1e}; {params} at the end "
+            f"|p_ds_lab - p_{baseline}| / |p_{baseline}| = {param_diff:.1e}; rank 0 loss "
+            f"{r0['losses']['ds_lab'][0]:.4f} -> {r0['losses']['ds_lab'][-1]:.4f})")
+
+
+def exit_if_losses_differ(results, baseline: str, rtol: float) -> None:
+    worst = loss_rel_diff(results, baseline)
+    if worst > rtol:
+        sys.exit(f"ds_lab and {baseline} losses differ by up to {worst:.1e} (relative): the timing compares "
+                 "different computations")

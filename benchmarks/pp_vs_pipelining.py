@@ -45,13 +45,11 @@ torch.distributed.pipelining talks to torch.distributed directly; ds_lab's p2p g
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
 import time
 
@@ -68,7 +66,7 @@ from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models.gpt import Block, Embedding, GPTConfig, Linear  # noqa: E402
 from ds_lab.pipe import LayerSpec, PipelineModule  # noqa: E402
-from interleave import common_args, median_ms, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
+from interleave import agreement_line, common_args, exit_if_losses_differ, median_ms, ratio_lines, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
 
 LOSS_RTOL = 1e-4
 TORCH_SCHEDULES = {"1f1b": Schedule1F1B, "afab": ScheduleGPipe}
@@ -197,11 +195,6 @@ def worker(args) -> dict:
                 comm_bytes=sum(r["bytes"] * r["count"] for r in comm_rows) / args.iters, profiles=profiles)
 
 
-def loss_rel_diff(results) -> float:
-    """Largest |loss_ds_lab - loss_torch| / |loss_torch| over every step and rank."""
-    return max(abs(a - b) / abs(b) for r in results for a, b in zip(r["losses"]["ds_lab"], r["losses"]["torch"]))
-
-
 def report(args, results) -> str:
     r0 = results[0]
     torch_name = TORCH_SCHEDULES[args.schedule].__name__
@@ -224,18 +217,8 @@ def report(args, results) -> str:
     lines.append(f"ds_lab.comm log per step (rank 0, every tag): {r0['comm_calls']:g} calls, "
                  f"{r0['comm_bytes'] / 2**20:.2f} MiB")
     lines.append("")
-    for r in results:
-        ds, th = r["times"]["ds_lab"]["total"], r["times"]["torch"]["total"]
-        per_iter = statistics.median(a / b for a, b in zip(ds, th))
-        lines.append(f"rank {r['rank']}: ds_lab {median_ms(ds):.2f} ms, torch {median_ms(th):.2f} ms; "
-                     f"ratio ds_lab/torch: median of per-iteration ratios {per_iter:.3f}, "
-                     f"ratio of medians {statistics.median(ds) / statistics.median(th):.3f}")
-    loss_diff = loss_rel_diff(results)
-    param_diff = max(r["param_rel_diff"] for r in results)
-    lines.append(f"losses agree: {loss_diff <= LOSS_RTOL} (max relative loss difference over "
-                 f"{args.warmup + args.iters} steps and all ranks {loss_diff:.1e}; stage parameters at the end "
-                 f"|p_ds_lab - p_torch| / |p_torch| = {param_diff:.1e}; loss "
-                 f"{r0['losses']['ds_lab'][0]:.4f} -> {r0['losses']['ds_lab'][-1]:.4f})")
+    lines += ratio_lines(results, "torch")
+    lines.append(agreement_line(args, results, "torch", LOSS_RTOL, "stage parameters"))
     for r in results:
         for name, (calls, text) in r["profiles"].items():
             lines += ["", f"cProfile rank {r['rank']} {name}: {calls:,.0f} Python calls per step", text]
@@ -250,10 +233,7 @@ def main(argv=None):
         sys.exit(f"torch's Schedule1F1B needs --micro-batches >= the stage count {args.world_size}")
     results = ds_lab.launch(worker, args.world_size, args)
     print(report(args, results))
-    worst = loss_rel_diff(results)
-    if worst > LOSS_RTOL:
-        sys.exit(f"ds_lab and torch losses differ by up to {worst:.1e} (relative): the timing compares "
-                 "different computations")
+    exit_if_losses_differ(results, "torch", LOSS_RTOL)
 
 
 if __name__ == "__main__":

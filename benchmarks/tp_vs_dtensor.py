@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import sys
 import time
 
@@ -68,7 +67,7 @@ from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
 from ds_lab.models.gpt_tp import GPTTP  # noqa: E402
 from ds_lab.parallel import initialize_model_parallel  # noqa: E402
-from interleave import PHASES, common_args, median_ms, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
+from interleave import PHASES, agreement_line, common_args, exit_if_losses_differ, median_ms, ratio_lines, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
 
 LOSS_RTOL = 1e-4
 
@@ -204,12 +203,6 @@ def worker(args) -> dict:
                 comm_bytes=sum(r["bytes"] * r["count"] for r in comm_rows) / args.iters)
 
 
-def loss_rel_diff(results) -> float:
-    """Largest |loss_ds_lab - loss_DTensor| / |loss_DTensor| over every step and rank."""
-    return max(abs(a - b) / abs(b) for r in results
-               for a, b in zip(r["losses"]["ds_lab"], r["losses"]["DTensor"]))
-
-
 def report(args, results) -> str:
     r0 = results[0]
     t = r0["times"]
@@ -231,18 +224,8 @@ def report(args, results) -> str:
     lines.append(f"ds_lab.comm log per step (rank 0, every tag): {r0['comm_calls']:g} collectives, "
                  f"{r0['comm_bytes'] / 2**20:.2f} MiB")
     lines.append("")
-    for r in results:
-        ds, dt = r["times"]["ds_lab"]["total"], r["times"]["DTensor"]["total"]
-        per_iter = statistics.median(a / b for a, b in zip(ds, dt))
-        lines.append(f"rank {r['rank']}: ds_lab {median_ms(ds):.2f} ms, DTensor {median_ms(dt):.2f} ms; "
-                     f"ratio ds_lab/DTensor: median of per-iteration ratios {per_iter:.3f}, "
-                     f"ratio of medians {statistics.median(ds) / statistics.median(dt):.3f}")
-    loss_diff = loss_rel_diff(results)
-    param_diff = max(r["param_rel_diff"] for r in results)
-    lines.append(f"losses agree: {loss_diff <= LOSS_RTOL} (max relative loss difference over "
-                 f"{args.warmup + args.iters} steps and all ranks {loss_diff:.1e}; local parameter shards "
-                 f"at the end |p_ds_lab - p_DTensor| / |p_DTensor| = {param_diff:.1e}; rank 0 loss "
-                 f"{r0['losses']['ds_lab'][0]:.4f} -> {r0['losses']['ds_lab'][-1]:.4f})")
+    lines += ratio_lines(results, "DTensor")
+    lines.append(agreement_line(args, results, "DTensor", LOSS_RTOL, "local parameter shards"))
     return "\n".join(lines)
 
 
@@ -250,10 +233,7 @@ def main(argv=None):
     args = parse_args(argv)
     results = ds_lab.launch(worker, args.world_size, args)
     print(report(args, results))
-    worst = loss_rel_diff(results)
-    if worst > LOSS_RTOL:
-        sys.exit(f"ds_lab and DTensor losses differ by up to {worst:.1e} (relative): the timing compares "
-                 "different computations")
+    exit_if_losses_differ(results, "DTensor", LOSS_RTOL)
 
 
 if __name__ == "__main__":
