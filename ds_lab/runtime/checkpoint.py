@@ -27,108 +27,20 @@ after the manifest. A crash at any point leaves either the previous checkpoint a
 tag without a manifest, which `load` refuses ("incomplete"). A file whose size or hash differs
 from the manifest (truncated, corrupted) is refused with its name. Every file is read with
 `torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code.
+File names, the manifest and the merge by name live in checkpoint_files.py.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-import re
-import tempfile
 
 import torch
 
 from ds_lab import comm
 from ds_lab.runtime import reshard
-from ds_lab.runtime.safe_load import CheckpointError, safe_load
-
-MODEL_FILE = "mp_rank_00_model_states.pt"  # model slice 0; see model_file()
-MANIFEST = "manifest.json"
-
-
-def atomic_write(path: str, write) -> None:
-    """Call `write(fileobj)` on a temporary file next to `path`, fsync it, rename it onto `path`."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(folder: str, files: list) -> None:
-    entries = {name: dict(bytes=os.path.getsize(os.path.join(folder, name)),
-                          sha256=_sha256(os.path.join(folder, name))) for name in files}
-    atomic_write(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps(entries, indent=1).encode()))
-
-
-def verify(folder: str) -> dict:
-    """Check a tag folder against its manifest; return the manifest or raise CheckpointError."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {folder} is incomplete (no {MANIFEST}): it was not fully "
-                              f"written; load an earlier tag")
-    with open(path) as f:
-        entries = json.load(f)
-    for name, entry in entries.items():
-        file = os.path.join(folder, name)
-        if not os.path.exists(file):
-            raise CheckpointError(f"checkpoint file {file} is missing")
-        size = os.path.getsize(file)
-        if size != entry["bytes"]:
-            raise CheckpointError(f"checkpoint file {file} is truncated or corrupted: "
-                                  f"{size} bytes, the manifest says {entry['bytes']}")
-        if _sha256(file) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint file {file} is corrupted: its sha256 differs from the manifest")
-    return entries
-
-
-def model_file(mp_rank: int) -> str:
-    return f"mp_rank_{mp_rank:02d}_model_states.pt"
-
-
-def shard_file(dp_rank: int, mp_rank: int) -> str:
-    return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
-
-
-def shard_files(folder: str, mp_rank: int = 0) -> list:
-    """The partitioned-state files of one model slice, in data-parallel rank order."""
-    pattern = re.compile(rf"zero_pp_rank_(\d+)_mp_rank_{mp_rank:02d}_optim_states\.pt")
-    found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := pattern.fullmatch(f))]
-    return [f for _, f in sorted(found)]
-
-
-def param_names(module) -> dict:
-    """Parameter -> its first name (tied weights are one parameter, saved once)."""
-    names = {}
-    for name, p in module.named_parameters():
-        names.setdefault(p, name)
-    return names
-
-
-def state_dict_params(module) -> dict:
-    """state_dict key -> Parameter, tied weights included under each of their names."""
-    out = {}
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        for name, p in mod._parameters.items():
-            if p is not None:
-                out[f"{prefix}.{name}" if prefix else name] = p
-    return out
+from ds_lab.runtime.checkpoint_files import (MANIFEST, MODEL_FILE, atomic_write, full_tensors_by_name,  # noqa: F401
+                                             model_file, param_names, resolve_tag, saved_weights, shard_file,
+                                             shard_files, state_dict_params, verify, write_manifest)
+from ds_lab.runtime.safe_load import CheckpointError, safe_load  # noqa: F401
 
 
 def engine_state(engine) -> dict:
@@ -186,58 +98,6 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True) -> boo
     if world > 1:
         comm.barrier()
     return True
-
-
-def resolve_tag(load_dir, tag):
-    if tag is not None:
-        return str(tag)
-    latest = os.path.join(load_dir, "latest")
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        return f.read().strip()
-
-
-def full_tensors_by_name(shards: list, key="masters", groups=None) -> dict:
-    """Merge every rank's chunks of a partitioned checkpoint into whole fp32 tensors, by name.
-
-    Each shard file says how its rank cut every unit (chunk, element count, names, shapes):
-    concatenating the chunks of all ranks and dropping the padding gives each tensor back,
-    whatever the number of ranks was. key: "masters" for the fp32 weights, or ("optimizer", slot)
-    for an optimizer state such as ("optimizer", "exp_avg"). groups: only these param groups.
-    """
-    shards = sorted(shards, key=lambda s: s["rank"])
-    if [s["rank"] for s in shards] != list(range(shards[0]["world_size"])):
-        raise CheckpointError(f"need the shards of all {shards[0]['world_size']} ranks, "
-                              f"got ranks {[s['rank'] for s in shards]}")
-
-    def group_tensor(shard, g):
-        return shard["masters"][g] if key == "masters" else shard["optimizer"]["state"][g][key[1]]
-
-    out, offsets = {}, {}
-    for unit in shards[0]["units"]:
-        g = unit["group"]
-        if groups is not None and g not in groups:
-            continue
-        start = offsets.get(g, 0)
-        offsets[g] = start + unit["chunk"]
-        full = torch.cat([group_tensor(s, g)[start:start + unit["chunk"]].float() for s in shards])
-        at = 0
-        for name, shape in zip(unit["names"], unit["shapes"]):
-            n = math.prod(shape)
-            out[name] = full[at:at + n].view(shape).clone()
-            at += n
-    return out
-
-
-def saved_weights(state: dict, shards: list) -> dict:
-    """Every parameter's whole fp32 value by name, from wherever the checkpoint keeps it."""
-    if shards:
-        return full_tensors_by_name(shards)
-    by_name = {name: state["module"][key].float() for key, name in state["param_aliases"].items()
-               if key in state["module"]}
-    by_name.update((state.get("mode") or {}).get("master_params_by_name") or {})  # exact fp32 masters
-    return by_name
 
 
 def check_shapes(module, weights: dict, folder: str, strict: bool) -> None:

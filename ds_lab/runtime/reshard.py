@@ -91,7 +91,7 @@ def saved_shape(state: dict) -> dict:
 def read_all(folder: str, entries: dict, first: dict = None) -> dict:
     """Every model file and ZeRO shard of a tag, by pipeline stage and tensor rank:
     dict(shape, first, slices=[[(model state, [shards]) for each tensor rank] for each stage])."""
-    from ds_lab.runtime.checkpoint import model_file, shard_files
+    from ds_lab.runtime.checkpoint_files import model_file, shard_files
     first = first if first is not None else safe_load(os.path.join(folder, model_file(0)))
     shape, slices = saved_shape(first), []
     for stage in range(shape["pipe"]):
@@ -131,7 +131,7 @@ def whole_state(folder: str, entries: dict, first: dict = None, files: dict = No
     (state_dict key -> parameter name: tied weights), merged from every file of the tag.
 
     Returns dict(weights, buffers, aliases, shape). entries: the tag's verified manifest."""
-    from ds_lab.runtime.checkpoint import saved_weights
+    from ds_lab.runtime.checkpoint_files import saved_weights
     files = files or read_all(folder, entries, first)
     buffers, aliases = {}, {}
     for stage in files["slices"]:
@@ -154,7 +154,7 @@ def local_weights(module, whole: dict, folder: str, strict: bool, whole_model: b
     """This rank's piece of every parameter of `module`, cut from the whole tensors, after checking
     each name and whole shape. whole_model: `module` is the whole model (no pipeline stages), so a
     checkpoint parameter it lacks is an error too (strict). grid: the engine's (its model axis)."""
-    from ds_lab.runtime.checkpoint import param_names
+    from ds_lab.runtime.checkpoint_files import param_names
     names, out, ranks = param_names(module), {}, grid.size("model")
     for p, name in names.items():
         if name not in whole:
@@ -178,7 +178,7 @@ def zero_optimizer_shard(files: dict, mode, names: dict, grid, folder: str) -> d
     exp_avg / exp_avg_sq, SGD's momentum_buffer) merged whole by name like the weights, cut to this
     rank's tensor-parallel piece, and laid out as one shard file of this engine's units (as if saved
     by a single data rank), which the mode's own `load` then cuts into its ZeRO chunks."""
-    from ds_lab.runtime.checkpoint import full_tensors_by_name
+    from ds_lab.runtime.checkpoint_files import full_tensors_by_name
     if not hasattr(mode, "units") or any(not shards for stage in files["slices"] for _, shards in stage):
         was, now = files["shape"], dict(pipe=grid.size("pipe"), model=grid.size("model"))
         raise CheckpointError(f"{folder} was saved at pipe {was['pipe']} x model {was['model']}, ZeRO stage "

@@ -11,7 +11,7 @@
 Three merges, one per axis of the grid (runtime/reshard.py):
   data    each shard file says how its rank cut every unit (chunk size, names, shapes): concatenating
           the chunks of all ranks and dropping the padding gives each tensor of the slice whole, whatever
-          N or the stage was (`runtime.checkpoint.full_tensors_by_name`); stage 0 keeps fp32 masters whole
+          N or the stage was (`runtime.checkpoint_files.full_tensors_by_name`); stage 0 keeps fp32 masters whole
   model   each model file lists its tensor-parallel parameters [partition_dim, stride, whole size]: the
           T pieces are joined block by block (q|k|v: stride 3) and the vocabulary padding is cut off —
           Megatron layers and AutoTP's Linear/Conv1D shards alike
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-from ds_lab.runtime.checkpoint import full_tensors_by_name, resolve_tag, verify
+from ds_lab.runtime.checkpoint_files import full_tensors_by_name, resolve_tag, verify
 from ds_lab.runtime.reshard import consolidated
 
 __all__ = ["consolidate", "full_tensors_by_name"]

@@ -221,7 +221,7 @@ class ZeroOptimizerBase(GradientMode):
             for g, master in enumerate(self.masters):
                 master.copy_(self._shard_of(g, weights))
         if load_optimizer_states and shards:
-            from ds_lab.runtime.checkpoint import full_tensors_by_name
+            from ds_lab.runtime.checkpoint_files import full_tensors_by_name
             saved = shards[0]["optimizer"]
             state = {}
             for index, slots in saved["state"].items():

@@ -330,7 +330,7 @@ class ZeroStage3(ZeroStage2):
 
     def full_state_dict(self) -> dict:
         """Every parameter whole, fp32, gathered unit by unit (collective: all ranks call it)."""
-        from ds_lab.runtime.checkpoint import state_dict_params
+        from ds_lab.runtime.checkpoint_files import state_dict_params
         names = self.param_names()
         out = {}
         for unit in self.units:
