@@ -12,26 +12,10 @@ from ds_lab.comm.topology import ProcessTopology
 from ds_lab.models.gpt import Block, Embedding, GPTConfig
 from ds_lab.parallel import (ColumnParallelLinear, RowParallelLinear, destroy_model_parallel, gather_parameter,
                              initialize_model_parallel)
+from ds_lab.lab.model_parallel import Positions, lm_head, lm_loss  # noqa: F401  (the chapter's layers)
 from ds_lab.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 SMALL = dict(vocab_size=37, block_size=8, n_layer=4, n_head=2, n_embd=12)
-
-
-class Positions(nn.Module):
-    def __init__(self, block_size, n_embd):
-        super().__init__()
-        self.wpe = Embedding(block_size, n_embd)
-
-    def forward(self, x):
-        return x + self.wpe(torch.arange(x.shape[1], device=x.device))
-
-
-def lm_head(embedding, x):
-    return x @ embedding.weight.T
-
-
-def lm_loss(logits, labels):
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def gpt_layers():

@@ -13,6 +13,7 @@ from ds_lab.monitor.memory import ActivationTracker
 from ds_lab.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, gather_parameter,
                              vocab_parallel_cross_entropy)
 from tests.workers import rank_slice
+from ds_lab.lab.model_parallel import _saved_inside
 
 # heads and MLP divisible by 2 and 4; the vocabulary (257) by neither: it is padded
 TP_MODEL = dict(vocab_size=257, block_size=16, n_layer=2, n_head=4, n_embd=36)
@@ -195,18 +196,6 @@ def train_worker(tensor_size, config, batches, optimizer=None, sequence_parallel
     return dict(losses=losses, norms=norms, weights=weights, coord=dict(grid.coord))
 
 
-def _count_inside(tracker, model, kinds=(nn.LayerNorm,)):
-    """Bytes `tracker` sees saved while a module of `kinds` (the LayerNorms) runs its forward."""
-    counted, before = [0], []
-    handles = []
-    for m in model.modules():
-        if isinstance(m, kinds):
-            handles.append(m.register_forward_pre_hook(lambda mod, args: before.append(tracker.live)))
-            handles.append(m.register_forward_hook(
-                lambda mod, args, out: counted.__setitem__(0, counted[0] + tracker.live - before.pop())))
-    return counted, handles
-
-
 def traffic_worker(tensor_size, sequence_parallel, batch=2, seq=16, model=None):
     """One forward + backward of the TP GPT: the comm log, and saved activations (LayerNorms, total)."""
     model = model or TP_MODEL
@@ -215,7 +204,7 @@ def traffic_worker(tensor_size, sequence_parallel, batch=2, seq=16, model=None):
     net = GPTTP(GPTConfig(**model), sequence_parallel=sequence_parallel)
     x = torch.randint(0, model["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
     whole = ActivationTracker(exclude=list(net.parameters()))
-    ln_bytes, handles = _count_inside(whole, net)
+    ln_bytes, handles = _saved_inside(whole, net)
     comm.reset_log()
     with whole.track():
         loss = net(input_ids=x, labels=x).loss
