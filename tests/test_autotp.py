@@ -46,7 +46,7 @@ def _assert_same_training(run, one):
         torch.testing.assert_close(run["weights"][name], value, rtol=0, atol=FP32, msg=name)
 
 
-@pytest.mark.parametrize("kind, world_size", [("gpt", 2), ("gpt2", 2), ("gpt2", 4), ("llama", 2)])
+@pytest.mark.parametrize("kind, world_size", [("gpt", 2), ("gpt2", 2), ("gpt2", 4), ("llama", 2), ("llama", 4)])
 def test_autotp_trains_like_one_process(kind, world_size, reference, tensor_2):
     """T=2 (and T=2 x data 2 for GPT-2): the same losses, global norms and gathered weights, with a
     client SGD-momentum built over the unsharded model before initialize, and with the config's Adam."""
