@@ -123,7 +123,8 @@ def plot_comm(ax, store, theory=None):
     ranks = sorted(store.comm_totals)
     if not ranks:
         return _empty(ax, "no collectives yet")
-    sent = {r: {op: totals["wire_bytes"] for op, totals in store.comm_totals[r].items()} for r in ranks}
+    sent = {r: {op: totals["wire_bytes"] for op, totals in store.comm_totals[r].items() if op != "recv"}
+            for r in ranks}  # a point-to-point message is counted once, at its sender
     ops = sorted({op for r in ranks for op in sent[r]}, key=lambda op: -sum(sent[r].get(op, 0) for r in ranks))
     expected = _theory(store, theory).get("comm") or {}
     per_step = expected.get("per_step_bytes")

@@ -264,8 +264,11 @@ class PipelineEngine(DeepSpeedEngine):
         t1 = time.time()
         chunk = self._global(cmd.chunk) if cmd.micro_batch is not None else None
         self.timeline.append((phase, cmd.micro_batch, chunk, t0, t1))
-        if events.enabled():
-            events.span(f"{phase} {cmd.micro_batch}", "compute", t0, t1, self.global_steps)
+        if events.enabled():  # one legend entry per phase; the micro-batch is in engine.timeline
+            step = self.global_steps - 1 if phase == "step" else self.global_steps  # the step just taken
+            events.span(phase, "compute", t0, t1, step)
+            if phase == "step":
+                self.publish_memory(step, phase, t1)
 
 
 def _to(x, device):

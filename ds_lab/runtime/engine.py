@@ -271,12 +271,16 @@ class DeepSpeedEngine(torch.nn.Module):
         t1 = end or time.time()
         if events.enabled():
             step = self.global_steps if step is None else step
-            t_ledger = time.perf_counter()
-            snapshot = self._ledger()
-            events.publish_seconds += time.perf_counter() - t_ledger  # watching costs, counted
             events.span(phase, "compute", t0, t1, step)
-            events.publish("memory", dict(step=step, phase=phase, time=t1, bytes=snapshot,
-                                          peak={c: v for c, v in self.last_peaks.items() if c not in ("total_at", "by_moment")}))
+            self.publish_memory(step, phase, t1)
+
+    def publish_memory(self, step: int, phase: str, t: float) -> None:
+        """The ledger now, and the last step's peak, as a dashboard event (watching costs, counted)."""
+        t_ledger = time.perf_counter()
+        snapshot = self._ledger()
+        events.publish_seconds += time.perf_counter() - t_ledger
+        peak = {c: v for c, v in self.last_peaks.items() if c not in ("total_at", "by_moment")}
+        events.publish("memory", dict(step=step, phase=phase, time=t, bytes=snapshot, peak=peak))
 
     def _take_model_step(self) -> None:
         overflow = self.mode.step(self.loss_scale, self.config.gradient_clipping,
