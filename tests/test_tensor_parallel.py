@@ -164,3 +164,14 @@ def test_traffic_two_all_reduces_forward_and_two_backward_per_layer(tensor_size)
     # saved activations in the LayerNorm regions: 1/T of the sequence on each rank
     assert seq["layernorm_bytes"] * tensor_size == plain["layernorm_bytes"]
     assert seq["activations_peak"] < plain["activations_peak"]
+
+
+ODD = dict(tw.TP_MODEL, n_head=3)  # T = 3: heads 3, hidden 36 and the padded vocabulary 257 -> 258 split 3 ways
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_tensor_parallel_at_world_size_3_trains_like_one_process(optimizer, batches):
+    opt = SGD if optimizer == "sgd" else None
+    one = ds_lab.launch(tw.train_worker, 1, 0, _config(optimizer), batches, opt, False, ODD)[0]
+    three = ds_lab.launch(tw.train_worker, 3, 3, _config(optimizer), batches, opt, False, ODD)
+    _assert_same_training(three, one)
