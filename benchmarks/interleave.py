@@ -40,6 +40,18 @@ def run_interleaved(sides: dict, batch_of, warmup: int, iters: int, on_warm=None
     return times, losses
 
 
+def engine_step(engine):
+    """ds_lab's side of a comparison: `step(batch, t)` timing forward | backward (+ wait) | step."""
+    def step(batch, t):
+        out = engine(**batch)
+        t.append(time.perf_counter())
+        engine.backward(out.loss)
+        t.append(time.perf_counter())
+        engine.step()
+        return out.loss
+    return step
+
+
 def median_ms(xs) -> float:
     return 1e3 * statistics.median(xs)
 

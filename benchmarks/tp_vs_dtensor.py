@@ -67,7 +67,7 @@ from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
 from ds_lab.models.gpt_tp import GPTTP  # noqa: E402
 from ds_lab.parallel import initialize_model_parallel  # noqa: E402
-from interleave import PHASES, agreement_line, common_args, exit_if_losses_differ, median_ms, ratio_lines, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
+from interleave import PHASES, agreement_line, common_args, engine_step, exit_if_losses_differ, median_ms, ratio_lines, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
 
 LOSS_RTOL = 1e-4
 
@@ -169,13 +169,7 @@ def worker(args) -> dict:
     loader = DistributedLoader(corpus_tokens(), args.block_size, args.micro_batch,
                                dp_rank=engine.dp_rank, dp_size=engine.dp_world_size, seed=args.seed)
 
-    def ds_step(batch, t):
-        out = engine(**batch)
-        t.append(time.perf_counter())
-        engine.backward(out.loss)
-        t.append(time.perf_counter())
-        engine.step()
-        return out.loss
+    ds_step = engine_step(engine)
 
     def dtensor_step(batch, t):
         with loss_parallel():  # cross-entropy on the Shard(-1) logits, forward and backward

@@ -53,7 +53,7 @@ import ds_lab  # noqa: E402
 from ds_lab import comm  # noqa: E402
 from ds_lab.data import DistributedLoader, corpus_tokens  # noqa: E402
 from ds_lab.models import GPT, GPTConfig  # noqa: E402
-from interleave import PHASES, common_args, median_ms, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
+from interleave import PHASES, common_args, engine_step, median_ms, run_interleaved, training_config  # noqa: E402  (this folder is on sys.path)
 from ds_lab.monitor.memory import storage_bytes  # noqa: E402
 
 MIB = 2**20
@@ -142,13 +142,7 @@ def worker(args) -> dict:
                                dp_rank=engine.dp_rank, dp_size=engine.dp_world_size, seed=args.seed)
     memory = {}
 
-    def ds_step(batch, t):
-        out = engine(**batch)
-        t.append(time.perf_counter())
-        engine.backward(out.loss)
-        t.append(time.perf_counter())
-        engine.step()
-        return out.loss
+    ds_step = engine_step(engine)
 
     def fsdp_step(batch, t):
         loss = fsdp(**batch)

@@ -37,7 +37,8 @@ import torch
 
 from ds_lab import comm
 from ds_lab.runtime import reshard
-from ds_lab.runtime.checkpoint_files import (MANIFEST, MODEL_FILE, atomic_write, full_tensors_by_name,  # noqa: F401
+from ds_lab.runtime.checkpoint_files import (MANIFEST, MODEL_FILE, atomic_write, check_names_and_shapes,  # noqa: F401
+                                             full_tensors_by_name,
                                              model_file, param_names, resolve_tag, saved_weights, shard_file,
                                              shard_files, state_dict_params, verify, write_manifest)
 from ds_lab.runtime.safe_load import CheckpointError, safe_load  # noqa: F401
@@ -101,22 +102,9 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True) -> boo
 
 
 def check_shapes(module, weights: dict, folder: str, strict: bool) -> None:
-    """Every parameter of the model is in the checkpoint with its shape; say which one is not."""
+    """Every parameter of the model is in the checkpoint with its (local) shape; say which one is not."""
     from ds_lab.runtime.mode import param_shape
-    names = param_names(module)
-    for p, name in names.items():
-        if name not in weights:
-            if strict:
-                raise CheckpointError(f"{folder} has no parameter '{name}' (shape {list(param_shape(p))}); "
-                                      f"the model differs from the one saved (load_module_strict=False skips it)")
-            continue
-        if tuple(weights[name].shape) != tuple(param_shape(p)):
-            raise CheckpointError(f"parameter '{name}': the checkpoint in {folder} has shape "
-                                  f"{list(weights[name].shape)}, this model {list(param_shape(p))}")
-    extra = sorted(set(weights) - set(names.values()))
-    if extra and strict:
-        raise CheckpointError(f"{folder} has parameters this model lacks: {extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''} (load_module_strict=False ignores them)")
+    check_names_and_shapes(param_names(module), weights, folder, strict, param_shape)
 
 
 def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, load_lr_scheduler_states=True,

@@ -159,3 +159,22 @@ def saved_weights(state: dict, shards: list) -> dict:
                if key in state["module"]}
     by_name.update((state.get("mode") or {}).get("master_params_by_name") or {})  # exact fp32 masters
     return by_name
+
+
+def check_names_and_shapes(names: dict, weights: dict, folder: str, strict: bool, shape_of,
+                           check_extra: bool = True, note: str = "") -> None:
+    """Every parameter (`names`: parameter -> name) is in `weights` with the shape `shape_of(p)`;
+    say which one is not. Strict: a parameter missing, or (check_extra) one the model lacks, fails."""
+    for p, name in names.items():
+        if name not in weights:
+            if strict:
+                raise CheckpointError(f"{folder} has no parameter '{name}' (shape {list(shape_of(p))}); the "
+                                      f"model differs from the one saved (load_module_strict=False skips it)")
+            continue
+        if tuple(weights[name].shape) != tuple(shape_of(p)):
+            raise CheckpointError(f"parameter '{name}': the checkpoint in {folder} has shape "
+                                  f"{list(weights[name].shape)}, this model {list(shape_of(p))}{note}")
+    extra = sorted(set(weights) - set(names.values()))
+    if check_extra and strict and extra:
+        raise CheckpointError(f"{folder} has parameters this model lacks: {extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''} (load_module_strict=False ignores them)")

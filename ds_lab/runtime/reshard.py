@@ -154,23 +154,11 @@ def local_weights(module, whole: dict, folder: str, strict: bool, whole_model: b
     """This rank's piece of every parameter of `module`, cut from the whole tensors, after checking
     each name and whole shape. whole_model: `module` is the whole model (no pipeline stages), so a
     checkpoint parameter it lacks is an error too (strict). grid: the engine's (its model axis)."""
-    from ds_lab.runtime.checkpoint_files import param_names
-    names, out, ranks = param_names(module), {}, grid.size("model")
-    for p, name in names.items():
-        if name not in whole:
-            if strict:
-                raise CheckpointError(f"{folder} has no parameter '{name}' (shape {list(whole_shape(p, ranks))}); the "
-                                      f"model differs from the one saved (load_module_strict=False skips it)")
-            continue
-        if tuple(whole[name].shape) != whole_shape(p, ranks):
-            raise CheckpointError(f"parameter '{name}': the checkpoint in {folder} has shape "
-                                  f"{list(whole[name].shape)}, this model {list(whole_shape(p, ranks))} (unsharded)")
-        out[name] = local_piece(p, whole[name], grid)
-    extra = sorted(set(whole) - set(names.values()))
-    if whole_model and strict and extra:
-        raise CheckpointError(f"{folder} has parameters this model lacks: {extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''} (load_module_strict=False ignores them)")
-    return out
+    from ds_lab.runtime.checkpoint_files import check_names_and_shapes, param_names
+    names, ranks = param_names(module), grid.size("model")
+    check_names_and_shapes(names, whole, folder, strict, lambda p: whole_shape(p, ranks),
+                           check_extra=whole_model, note=" (unsharded)")
+    return {name: local_piece(p, whole[name], grid) for p, name in names.items() if name in whole}
 
 
 def zero_optimizer_shard(files: dict, mode, names: dict, grid, folder: str) -> dict:
