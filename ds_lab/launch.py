@@ -22,8 +22,13 @@ How it works
 - When the parent watches (`on_event`/`dashboard`), the ranks run at nice +5: on a laptop whose
   cores the ranks share with the notebook, the live dashboard gets the CPU first and keeps
   redrawing (set DS_LAB_NICE_RANKS=0 to keep equal priority).
+- Simulated nodes: `launch(fn, 4, ranks_per_node=2)` tells each rank what torchrun would on
+  two nodes of two: LOCAL_RANK = rank % 2, LOCAL_WORLD_SIZE = 2, GROUP_RANK = NODE_RANK = rank // 2.
+  Every rank still runs on this machine; `ds_lab.comm` reads the node layout from these variables
+  (`comm/nodes.py`), so records carry intra/inter-node links and the hierarchical all-reduce has
+  nodes to be hierarchical over. Default: one node of `world_size` ranks.
 - Under torchrun (RANK and WORLD_SIZE set), this process already is one rank: `fn` runs in
-  place and the list holds this rank's result only.
+  place and the list holds this rank's result only; torchrun's LOCAL_* variables stand as they are.
 """
 from __future__ import annotations
 
@@ -106,12 +111,13 @@ class _Forward:
         return False
 
 
-def _child(rank, world_size, port, backend, timeout, conn, payload, threads, forked, want_events):
+def _child(rank, world_size, port, backend, timeout, conn, payload, threads, forked, want_events, per_node):
     global _channel
     _channel = _Channel(conn, rank)
     sys.stdout, sys.stderr = _Forward(_channel, "stdout"), _Forward(_channel, "stderr")
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % per_node),
+                      LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(rank // per_node),
+                      NODE_RANK=str(rank // per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     if want_events and os.environ.get("DS_LAB_NICE_RANKS", "1") == "1":
         os.nice(5)  # a live dashboard in the parent gets the CPU first when ranks share its cores
@@ -165,11 +171,15 @@ def _default_backend(world_size: int) -> str:
     return "gloo"
 
 
-def _run_in_place(fn, world_size, args, kwargs, backend, timeout):
+def _run_in_place(fn, world_size, args, kwargs, backend, timeout, ranks_per_node=None):
     env_world = int(os.environ["WORLD_SIZE"])
     if world_size is not None and world_size != env_world:
         raise ValueError(f"launch(world_size={world_size}) inside a job of WORLD_SIZE={env_world} "
                          f"(torchrun or a launched rank); pass world_size={env_world} or None")
+    env_per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if ranks_per_node is not None and env_per_node is not None and ranks_per_node != int(env_per_node):
+        raise ValueError(f"launch(ranks_per_node={ranks_per_node}) inside a job of LOCAL_WORLD_SIZE="
+                         f"{env_per_node} (torchrun's --nproc-per-node); pass {env_per_node} or None")
     owned = not comm.is_initialized()
     comm.init_distributed(backend, timeout=timeout)
     try:
@@ -181,7 +191,8 @@ def _run_in_place(fn, world_size, args, kwargs, backend, timeout):
 
 def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str] = None,
            timeout: float = 120.0, on_event: Optional[Callable] = None, dashboard=None,
-           start_method: Optional[str] = None, deadline: Optional[float] = None, **kwargs) -> list:
+           start_method: Optional[str] = None, deadline: Optional[float] = None,
+           ranks_per_node: Optional[int] = None, **kwargs) -> list:
     """Run `fn(*args, **kwargs)` on `world_size` ranks; return their results in rank order.
 
     backend: "gloo" or "nccl" (default: NCCL when there is a GPU per rank, else gloo).
@@ -190,18 +201,24 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
         runs (see `ds_lab.monitor.events`).
     dashboard: a `ds_lab.monitor.Dashboard`, fed every event live; `dashboard.finish()` at the end.
     deadline: optional limit in seconds on the whole run; past it every rank is stopped.
+    ranks_per_node: simulate nodes of this many ranks (LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK as
+        torchrun sets them; must divide world_size). None: one node.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return _run_in_place(fn, world_size, args, kwargs, backend, timeout)
+        return _run_in_place(fn, world_size, args, kwargs, backend, timeout, ranks_per_node)
     if dashboard is not None:
         try:
             return launch(fn, world_size, *args, backend=backend, timeout=timeout,
                           on_event=_both(on_event, dashboard), start_method=start_method,
-                          deadline=deadline, **kwargs)
+                          deadline=deadline, ranks_per_node=ranks_per_node, **kwargs)
         finally:
             dashboard.finish()
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    per_node = world_size if ranks_per_node is None else ranks_per_node
+    if not isinstance(per_node, int) or per_node < 1 or world_size % per_node:
+        raise ValueError(f"ranks_per_node={ranks_per_node!r} must be a positive int that divides world_size="
+                         f"{world_size} (nodes of equal size, as torchrun's --nproc-per-node makes them)")
     backend = backend or _default_backend(world_size)
     if start_method is None:
         cuda_used = backend == "nccl" or torch.cuda.is_initialized()
@@ -222,7 +239,7 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
             reader, writer = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_child, name=f"ds_lab-rank{rank}", daemon=True,
                             args=(rank, world_size, port, backend, timeout, writer, payload,
-                                  threads, forked, on_event is not None))
+                                  threads, forked, on_event is not None, per_node))
             p.start()
             writer.close()  # the parent keeps only the reading end: EOF means the child is gone
             procs.append(p)

@@ -4,9 +4,14 @@
     zero_optimization.stage 1   zero/stage1.py             ZeroStage1         optimizer states partitioned
     zero_optimization.stage 2   zero/stage2.py             ZeroStage2         + gradients
     zero_optimization.stage 3   zero/stage3.py             ZeroStage3         + parameters
+    optimizer OneBitAdam/SignSGD runtime/compressed_dp.py  CompressedDataParallel  the optimizer exchanges
+                                                                              (stage 0 and pure data parallel only)
 """
 from __future__ import annotations
 
+from ds_lab.config import ConfigError
+from ds_lab.config.optimizer import COMMUNICATING_OPTIMIZERS
+from ds_lab.runtime.compressed_dp import CompressedDataParallel
 from ds_lab.runtime.data_parallel import DataParallel
 from ds_lab.zero import build_zero_optimizer
 
@@ -14,11 +19,23 @@ from ds_lab.zero import build_zero_optimizer
 def mode_builder(config):
     """A function (module, param lists, grid, model dtype, device) -> the mode `config` asks for."""
     zero = config.zero_optimization
+    communicating = config.optimizer is not None and config.optimizer.type in COMMUNICATING_OPTIMIZERS
+    if communicating and zero.stage != 0:
+        raise ConfigError(f"optimizer {config.optimizer.type} exchanges compressed momentum or signs itself and "
+                          f"runs with ZeRO stage 0 only (DeepSpeed refuses 1-bit Adam with ZeRO too); "
+                          f"set zero_optimization.stage to 0, or use Adam with ZeRO stage {zero.stage}")
 
     def build(module, groups, grid, model_dtype, device):
-        if zero.stage == 0:
-            overlap = True if zero.overlap_comm is None else zero.overlap_comm
-            return DataParallel(module, grid, model_dtype, device, zero.reduce_bucket_size, overlap)
+        if communicating:
+            if grid.size("model") > 1 or grid.size("pipe") > 1:
+                raise ConfigError(f"optimizer {config.optimizer.type} runs on pure data parallel in ds_lab "
+                                  f"(this grid: pipe {grid.size('pipe')} x model {grid.size('model')}); "
+                                  f"use Adam with tensor or pipeline parallel")
+        overlap = True if zero.overlap_comm is None else zero.overlap_comm
+        if communicating or zero.stage == 0:
+            kind = CompressedDataParallel if communicating else DataParallel
+            return kind(module, grid, model_dtype, device, zero.reduce_bucket_size, overlap,
+                        hierarchical=config.hierarchical_allreduce)
         return build_zero_optimizer(zero, module, groups, grid, model_dtype, device)
 
     return build

@@ -15,6 +15,12 @@ An async op (`async_op=True`) is recorded when it is issued (its bytes are known
 is filled in when it completes (a callback on the backend's future) or, for ops without a
 future, when somebody waits on the returned handle. Recording never forces a sync.
 
+Nodes: `new_group` remembers each group's global ranks (`group_ranks`), so every record names the
+link it ran over, intra- or inter-node (`nodes.py`: nodes are torchrun's contiguous blocks of
+LOCAL_WORLD_SIZE ranks). `comm.hierarchical.HierarchicalAllReduce` reduces within nodes first, with
+the collectives here (so its bytes are in the log, link by link); `comm.links` prices records
+with an alpha-beta model of both links. (They import this module, so it does not import them.)
+
 Run: `python -m ds_lab.comm` prints the nccl-tests factors for n = 2..8.
 """
 from __future__ import annotations
@@ -27,13 +33,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ds_lab.comm import nodes
 from ds_lab.comm.trace import (RECENT_RECORDS, CommRecord, add_listener, bus_factor, configure_logger,
                                finish_record, format_summary, get_log, log_summary, record_count,
                                remove_listener, reset_log, start_record, summarize, tag)
 
 __all__ = ["CommRecord", "CollectiveTimeoutError", "ReduceOp", "RECENT_RECORDS", "add_listener", "all_gather",
            "all_reduce", "all_to_all", "barrier", "broadcast", "bus_factor", "configure_logger", "default_backend",
-           "destroy", "device", "format_summary", "get_backend", "get_global_rank", "get_log", "get_rank",
+           "destroy", "device", "format_summary", "get_backend", "get_global_rank", "get_log", "get_rank", "group_ranks",
            "forget_inherited", "get_world_size", "init_distributed", "irecv", "is_initialized", "isend", "log_summary", "new_group",
            "record_count", "recv", "remove_listener", "reset_log", "send", "summarize", "tag", "tcp_store"]
 
@@ -73,8 +80,8 @@ def _call(rec: CommRecord, thunk):
         raise
 
 
-def _run(op: str, nbytes: int, group, async_op: bool, thunk):
-    rec = start_record(op, get_world_size(group), nbytes)
+def _run(op: str, nbytes: int, group, async_op: bool, thunk, peer: Optional[int] = None):
+    rec = start_record(op, get_world_size(group), nbytes, link=_link(group, peer))
     t0 = time.perf_counter()
     work = _call(rec, thunk)
     if async_op:
@@ -124,19 +131,19 @@ def all_to_all(output, input, group=None, async_op=False):
 # point-to-point: `tag` keeps independent streams between the same two ranks apart (a receive
 # matches the oldest send from `src` with the same tag), e.g. activations and gradients of a pipeline
 def send(tensor, dst, group=None, tag=0):
-    return _run("send", _nbytes(tensor), group, False, lambda: dist.send(tensor, dst=dst, group=group, tag=tag))
+    return _run("send", _nbytes(tensor), group, False, lambda: dist.send(tensor, dst=dst, group=group, tag=tag), dst)
 
 
 def recv(tensor, src, group=None, tag=0):
-    return _run("recv", _nbytes(tensor), group, False, lambda: dist.recv(tensor, src=src, group=group, tag=tag))
+    return _run("recv", _nbytes(tensor), group, False, lambda: dist.recv(tensor, src=src, group=group, tag=tag), src)
 
 
 def isend(tensor, dst, group=None, tag=0):
-    return _run("send", _nbytes(tensor), group, True, lambda: dist.isend(tensor, dst=dst, group=group, tag=tag))
+    return _run("send", _nbytes(tensor), group, True, lambda: dist.isend(tensor, dst=dst, group=group, tag=tag), dst)
 
 
 def irecv(tensor, src, group=None, tag=0):
-    return _run("recv", _nbytes(tensor), group, True, lambda: dist.irecv(tensor, src=src, group=group, tag=tag))
+    return _run("recv", _nbytes(tensor), group, True, lambda: dist.irecv(tensor, src=src, group=group, tag=tag), src)
 
 
 def barrier(group=None):
@@ -166,8 +173,37 @@ def get_global_rank(group, group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
+_group_ranks: dict = {}  # process group -> its members' global ranks, sorted (as torch numbers them)
+_links: dict = {}  # process group (None: the world) -> "intra" / "inter" / "" (nodes.link_of)
+
+
 def new_group(ranks):
-    return dist.new_group(ranks=list(ranks))
+    """A process group of these global ranks. Collective: every rank of the world calls it, for
+    every group, in the same order (members or not)."""
+    ranks = sorted(int(r) for r in ranks)
+    group = dist.new_group(ranks=ranks)
+    _group_ranks[group] = ranks
+    return group
+
+
+def group_ranks(group=None) -> list:
+    """The global ranks of `group`'s members in group-rank order (None: the world)."""
+    if group is None:
+        return list(range(get_world_size()))
+    if group not in _group_ranks:  # a group made outside new_group (torch's own, an mpu's)
+        _group_ranks[group] = list(dist.get_process_group_ranks(group))
+    return _group_ranks[group]
+
+
+def _link(group, peer: Optional[int]) -> str:
+    """The link a record ran over (nodes.link_of); a point-to-point op: between this rank and `peer`."""
+    if not is_initialized():
+        return ""
+    if peer is not None:
+        return nodes.link_of((get_rank(), peer), get_world_size())
+    if group not in _links:
+        _links[group] = nodes.link_of(group_ranks(group), get_world_size())
+    return _links[group]
 
 
 def default_backend() -> str:
@@ -184,6 +220,7 @@ def init_distributed(dist_backend: Optional[str] = None, timeout: Optional[float
     """
     if is_initialized():
         return
+    _links.clear()  # a new job: LOCAL_WORLD_SIZE may have changed
     backend = dist_backend or default_backend()
     delta = datetime.timedelta(seconds=timeout or DEFAULT_TIMEOUT_S)
     if store is None and rank is None and "RANK" not in os.environ:
@@ -203,6 +240,7 @@ def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: f
 
 
 def destroy() -> None:
+    _group_ranks.clear(), _links.clear()
     if is_initialized():
         dist.destroy_process_group()
 
@@ -218,6 +256,7 @@ def forget_inherited() -> None:
         return
     from torch.distributed import distributed_c10d as c10d
     world = c10d._world
+    _group_ranks.clear(), _links.clear()
     try:
         _inherited.extend(world.pg_map)
         c10d._update_default_pg(None)

@@ -16,9 +16,16 @@ all_gather, the *full* input of reduce_scatter. `wire_bytes` = message bytes x f
 rank sends under the ring algorithm; it is what the ZeRO paper calls 2Ψ (all-reduce) and Ψ
 (reduce-scatter or all-gather) when the message is Ψ.
 
+Each record also names the `link` it ran over (`comm/nodes.py`): "intra" when every member of
+its group is on one node, "inter" when the members are on different nodes (a point-to-point op:
+when the two ranks are), "" when the whole job is one node. For a ring over an inter-node group
+this is a label, not a byte count: the record's wire bytes are what *this* rank sends, and on a
+ring laid over contiguous nodes only the ranks at a node boundary send theirs across it
+(`comm/links.py` works out which bytes cross; `summarize(links=("inter",))` keeps the inter rows).
+
 Memory stays bounded however long the run: the records themselves are kept in a window of the
 most recent `RECENT_RECORDS` (`get_log()`), while every finished record is also added into one
-total per (op, tag, message size, group size, caller) (`summarize()`), which is what DeepSpeed's
+total per (op, tag, message size, group size, caller, link) (`summarize()`), which is what DeepSpeed's
 comms logger prints. A run of a million steps keeps a few hundred totals, not a million records.
 
 `configure_logger(...)` takes the config's `comms_logger` section: `verbose` prints one line per
@@ -51,6 +58,7 @@ class CommRecord:
     tag: str = ""
     caller: str = ""  # the function that issued it, when comms_logger.debug is on
     index: int = -1  # this process's collective number since the last reset_log()
+    link: str = ""  # "intra" / "inter" node, "" on a one-node job (comm/nodes.py)
 
     @property
     def factor(self) -> float:
@@ -164,17 +172,23 @@ class tag:
         _tag = self.prev
 
 
+def current_tag() -> str:
+    """The `comm.tag` in force now ("" outside any): an op that finishes later keeps its issuer's tag."""
+    return _tag
+
+
 def _add(totals: dict, rec: CommRecord) -> None:
-    """Count a finished record into `totals`: (op, tag, bytes, group size, caller) -> [count, seconds,
-    algbw sum, busbw sum]."""
-    total = totals.setdefault((rec.op, rec.tag, rec.bytes, rec.group_size, rec.caller), [0, 0.0, 0.0, 0.0])
+    """Count a finished record into `totals`: (op, tag, bytes, group size, caller, link) -> [count,
+    seconds, algbw sum, busbw sum]."""
+    total = totals.setdefault((rec.op, rec.tag, rec.bytes, rec.group_size, rec.caller, rec.link),
+                              [0, 0.0, 0.0, 0.0])
     total[0] += 1
     total[1] += rec.seconds
     total[2] += rec.algbw
     total[3] += rec.busbw
 
 
-def start_record(op: str, group_size: int, nbytes: int, caller_depth: int = 3) -> CommRecord:
+def start_record(op: str, group_size: int, nbytes: int, caller_depth: int = 3, link: str = "") -> CommRecord:
     """A record for a collective about to be issued. `caller_depth`: frames from here up to the
     code that called the public collective (read only when comms_logger.debug is on)."""
     global _next_index
@@ -182,7 +196,7 @@ def start_record(op: str, group_size: int, nbytes: int, caller_depth: int = 3) -
     with _lock:
         index = next(_counter)
         _next_index = index + 1
-        rec = CommRecord(op, group_size, int(nbytes), tag=_tag, caller=caller, index=index)
+        rec = CommRecord(op, group_size, int(nbytes), tag=_tag, caller=caller, index=index, link=link)
         _recent.append(rec)
     return rec
 
@@ -206,10 +220,11 @@ def finish_record(rec: CommRecord, t0: float) -> None:
 
 
 
-def summarize(records=None, tags=None) -> list[dict]:
+def summarize(records=None, tags=None, links=None) -> list[dict]:
     """Totals by (op name, message size), as DeepSpeed's comms logger prints them: count, seconds,
     avg_seconds, mean algbw and busbw, and wire_bytes. Default: every collective since reset_log();
-    or the given CommRecords. `tags`: only records made under these `comm.tag`s."""
+    or the given CommRecords. `tags`: only records made under these `comm.tag`s. `links`: only
+    records over these links ("intra", "inter", "" for a one-node job), e.g. `links=("inter",)`."""
     if records is None:
         with _lock:
             totals = {key: list(value) for key, value in _totals.items()}
@@ -219,8 +234,8 @@ def summarize(records=None, tags=None) -> list[dict]:
             if rec.seconds is not None:
                 _add(totals, rec)
     rows: dict = {}
-    for (op, tag_, nbytes, group_size, caller), (count, seconds, algbw, busbw) in totals.items():
-        if tags is not None and tag_ not in tags:
+    for (op, tag_, nbytes, group_size, caller, link), (count, seconds, algbw, busbw) in totals.items():
+        if (tags is not None and tag_ not in tags) or (links is not None and link not in links):
             continue
         name = CommRecord(op, group_size, nbytes, caller=caller).name
         row = rows.setdefault((name, nbytes), dict(op=name, bytes=nbytes, count=0, seconds=0.0, algbw=0.0,

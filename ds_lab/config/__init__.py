@@ -46,6 +46,7 @@ T runtime/tensor_parallel/config.py.
 | optimizer.params eps, weight_decay       | 1e-8, 0.0         | F   |                                       |
 | optimizer.params adam_w_mode             | True              | E   | see "departs" below                   |
 | scheduler.params                         | per schedule      |     | SCHEDULES = lr_schedules.py signatures|
+| hierarchical_allreduce                   | False             | -   | ds_lab's own; stage 0 only (below)    |
 
 Where ds_lab departs from DeepSpeed:
 - DeepSpeed's optimizer "Adam" is AdamW (decoupled weight decay) unless params.adam_w_mode is false.
@@ -58,6 +59,9 @@ Where ds_lab departs from DeepSpeed:
   all-reduce with backward at stage 0, like DDP. DeepSpeed turns None into (stage == 3).
 - Only ZeRO stages in ``SUPPORTED_ZERO_STAGES`` are accepted for now.
 - ``fp16.auto_cast: true`` is refused for now (DeepSpeed casts forward's floating-point inputs to fp16).
+- ``hierarchical_allreduce`` is ds_lab's own key (DeepSpeed has none): true makes the stage-0
+  gradient all-reduce topology-aware (intra-node reduce-scatter, inter-node all-reduce of 1/k,
+  intra-node all-gather; ``ds_lab/comm/hierarchical.py``). With ZeRO stages it is an error.
 - An optimizer or scheduler passed to ``initialize()`` overrides the config's section, as in DeepSpeed,
   with a warning (DeepSpeed only logs it): see ``check_client_optimizer``.
 
@@ -83,7 +87,8 @@ from ds_lab.config.sections import (_BF16_CHECKERS, _COMMS_LOGGER_CHECKERS, _DEE
                                     _FP16_CHECKERS, _MONITOR_CHECKERS, _ZERO_CHECKERS, BF16Config, CommsLoggerConfig,
                                     FP16Config, MonitorConfig, ZeroConfig,
                                     _check_zero_semantics, _DEEPSPEED_PIPELINE_KEYS, _PIPELINE_CHECKERS, PipelineConfig,
-                                    _DEEPSPEED_TENSOR_PARALLEL_KEYS, _TENSOR_PARALLEL_CHECKERS, TensorParallelConfig)
+                                    _DEEPSPEED_TENSOR_PARALLEL_KEYS, _TENSOR_PARALLEL_CHECKERS, TensorParallelConfig,
+                                    _hierarchical_allreduce)
 
 __all__ = ["ConfigError", "DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "FP16Config", "BF16Config",
            "ZeroConfig", "CommsLoggerConfig", "MonitorConfig", "SUPPORTED_ZERO_STAGES", "SUPPORTED_OPTIMIZERS",
@@ -108,6 +113,7 @@ class DeepSpeedConfig:
     tensorboard: MonitorConfig = field(default_factory=MonitorConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # read by the pipeline engine only
     tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)  # AutoTP, in initialize
+    hierarchical_allreduce: bool = False  # ds_lab's own: stage-0 gradients all-reduced node-aware
     raw: dict = field(default_factory=dict)  # a copy of the user's dict as given
 
     @property
@@ -179,6 +185,8 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
     if fp16.enabled and bf16.enabled:
         raise ConfigError("fp16 and bf16 are both enabled; set one of them to false")
     steps_per_print = raw.get("steps_per_print")
+    zero = _check_zero_semantics(_build(ZeroConfig, _section(raw, "zero_optimization"), "zero_optimization",
+                                        _ZERO_CHECKERS, _DEEPSPEED_ZERO_KEYS), _section(raw, "zero_optimization"))
     return DeepSpeedConfig(
         train_batch_size=train,
         train_micro_batch_size_per_gpu=micro,
@@ -190,9 +198,7 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
         gradient_clipping=_number(raw.get("gradient_clipping", 1.0), "gradient_clipping"),
         steps_per_print=None if steps_per_print is None else _positive_integer(steps_per_print, "steps_per_print"),
         wall_clock_breakdown=_boolean(raw.get("wall_clock_breakdown", False), "wall_clock_breakdown"),
-        zero_optimization=_check_zero_semantics(_build(ZeroConfig, _section(raw, "zero_optimization"),
-                                                       "zero_optimization", _ZERO_CHECKERS, _DEEPSPEED_ZERO_KEYS),
-                                                _section(raw, "zero_optimization")),
+        zero_optimization=zero,
         comms_logger=_build(CommsLoggerConfig, _section(raw, "comms_logger"), "comms_logger",
                             _COMMS_LOGGER_CHECKERS, {}),
         csv_monitor=_build(MonitorConfig, _section(raw, "csv_monitor"), "csv_monitor", _MONITOR_CHECKERS, {}),
@@ -201,6 +207,7 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
                         _DEEPSPEED_PIPELINE_KEYS),
         tensor_parallel=_build(TensorParallelConfig, _section(raw, "tensor_parallel"), "tensor_parallel",
                                _TENSOR_PARALLEL_CHECKERS, _DEEPSPEED_TENSOR_PARALLEL_KEYS),
+        hierarchical_allreduce=_hierarchical_allreduce(raw.get("hierarchical_allreduce", False), zero.stage),
         raw=raw,
     )
 

@@ -33,10 +33,25 @@ class SchedulerConfig:
     params: dict  # keyword arguments for that schedule, as given
 
 
-SUPPORTED_OPTIMIZERS = ("Adam", "AdamW")
+SUPPORTED_OPTIMIZERS = ("Adam", "AdamW", "OneBitAdam", "SignAdam", "SignSGD")
 # DeepSpeed's own optimizer names, current (runtime/config.py DEEPSPEED_OPTIMIZERS) and removed.
-_DEEPSPEED_OPTIMIZERS = ("Adagrad", "Lamb", "Lion", "MuAdam", "MuAdamW", "MuSGD", "Muon", "OneBitAdam",
+_DEEPSPEED_OPTIMIZERS = ("Adagrad", "Lamb", "Lion", "MuAdam", "MuAdamW", "MuSGD", "Muon",
                          "OneBitLamb", "ZeroOneAdam")
+# The communicating optimizers (ds_lab.optim.onebit_adam, ds_lab.optim.sign): params, defaults, checks.
+# OneBitAdam's are DeepSpeed ≤ 0.18's (runtime/fp16/onebit/adam.py) plus ds_lab's error_feedback switch
+# (false: no error compensation, to show the drift); SignAdam and SignSGD are ds_lab's own.
+_COMM_BACKENDS = ("nccl", "gloo", "mpi", "hccl", "xccl")
+OTHER_OPTIMIZER_PARAMS = {
+    "OneBitAdam": {"lr": (1e-3, _number), "betas": ((0.9, 0.999), _betas), "eps": (1e-8, _number),
+                   "weight_decay": (0.0, _number), "freeze_step": (100000, _integer),
+                   "bias_correction": (True, _boolean), "cuda_aware": (False, _boolean),
+                   "comm_backend_name": ("nccl", _string), "error_feedback": (True, _boolean)},
+    "SignAdam": {"lr": (1e-3, _number), "betas": ((0.9, 0.999), _betas), "eps": (1e-8, _number),
+                 "weight_decay": (0.0, _number), "bias_correction": (True, _boolean)},
+    "SignSGD": {"lr": (1e-4, _number), "momentum": (0.0, _number), "weight_decay": (0.0, _number)},
+}
+# the optimizers that exchange data themselves (the engine's gradient all-reduce is off while they do)
+COMMUNICATING_OPTIMIZERS = ("OneBitAdam", "SignSGD")
 _DEEPSPEED_SCHEDULERS = ("OneCycle", "LRRangeTest")
 _DEEPSPEED_OPTIMIZER_KEYS = {"legacy_fusion": ""}
 _DEEPSPEED_ADAM_PARAMS = {"torch_adam": "", "bias_correction": "", "amsgrad": "", "set_grad_none": "",
@@ -79,6 +94,8 @@ def parse_optimizer(raw: dict) -> Optional[OptimizerConfig]:
     if canonical is None:
         _reject_optimizer(name)
     given = _section(section, "params")
+    if canonical in OTHER_OPTIMIZER_PARAMS:
+        return _parse_other_optimizer(canonical, given)
     _check_keys(given, _ADAM_PARAM_CHECKERS, _DEEPSPEED_ADAM_PARAMS, "optimizer.params")
     params = dict(ADAM_PARAM_DEFAULTS)
     params.update({key: _ADAM_PARAM_CHECKERS[key](value, f"optimizer.params.{key}") for key, value in given.items()})
@@ -88,6 +105,23 @@ def parse_optimizer(raw: dict) -> Optional[OptimizerConfig]:
         raise ConfigError("optimizer.params.adam_w_mode is false but optimizer.type is 'AdamW'; "
                           "for Adam with L2 weight decay write type 'Adam' with adam_w_mode false")
     return OptimizerConfig(type="AdamW" if adam_w_mode else "Adam", params=params)
+
+
+def _parse_other_optimizer(name: str, given: dict) -> OptimizerConfig:
+    specs = OTHER_OPTIMIZER_PARAMS[name]
+    deepspeed_only = {"max_grad_norm": "set the top-level 'gradient_clipping' instead",
+                      "amsgrad": "1-bit Adam has no AMSGrad variant (DeepSpeed refuses it too)",
+                      "eps_inside_sqrt": "DeepSpeed's OnebitAdam stores it and never reads it"} \
+        if name == "OneBitAdam" else {}
+    _check_keys(given, specs, deepspeed_only, "optimizer.params")
+    params = {key: default for key, (default, _) in specs.items()}
+    params.update({key: specs[key][1](value, f"optimizer.params.{key}") for key, value in given.items()})
+    if "momentum" in params and not params["momentum"] < 1:
+        raise ConfigError(f"optimizer.params.momentum must be in [0, 1), got {params['momentum']}")
+    if params.get("comm_backend_name", "nccl") not in _COMM_BACKENDS:
+        raise ConfigError(f"optimizer.params.comm_backend_name must be one of {list(_COMM_BACKENDS)}, "
+                          f"got {params['comm_backend_name']!r} (ds_lab uses the process group's own backend)")
+    return OptimizerConfig(type=name, params=params)
 
 
 def _reject_optimizer(name: str) -> None:

@@ -191,4 +191,11 @@ def _check_zero_semantics(zero: "ZeroConfig", given: dict) -> "ZeroConfig":
     return zero
 
 
-
+def _hierarchical_allreduce(value, zero_stage: int) -> bool:
+    """ds_lab's own top-level key: the stage-0 gradient all-reduce goes intra-node, inter-node,
+    intra-node (ds_lab/comm/hierarchical.py). ZeRO stages reduce-scatter instead: refused there."""
+    enabled = _boolean(value, "hierarchical_allreduce")
+    if enabled and zero_stage > 0:
+        raise ConfigError(f"hierarchical_allreduce: true applies to the stage-0 gradient all-reduce only, but "
+                          f"zero_optimization.stage is {zero_stage}; set the stage to 0 or remove the key")
+    return enabled

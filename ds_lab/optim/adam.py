@@ -74,8 +74,3 @@ class Adam(torch.optim.Optimizer):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bias1)
 
-
-def build_optimizer(optimizer_config, params) -> Adam:
-    """The optimizer a config names. `ds_lab.config` has already resolved DeepSpeed's rule that
-    "Adam" means decoupled weight decay unless `adam_w_mode` is false, into the type."""
-    return Adam(params, adam_w_mode=optimizer_config.type == "AdamW", **optimizer_config.params)

@@ -22,21 +22,27 @@ How (the same idea as torch DDP):
   rule); earlier micro-steps just accumulate into the buffer.
 - `overlap=False` waits for the end of backward, then reduces bucket by bucket: the naive
   schedule, kept so the chapter can measure what overlap buys.
+- `hierarchical=True` (config `"hierarchical_allreduce": true`) all-reduces each bucket node-aware:
+  intra-node reduce-scatter, inter-node all-reduce of 1/k of it, intra-node all-gather
+  (`comm.hierarchical.HierarchicalAllReduce`, built for every data-parallel group). Same sum, other wire.
 """
 from __future__ import annotations
 
 import torch
 
 from ds_lab import comm
+from ds_lab.comm.hierarchical import HierarchicalAllReduce
 from ds_lab.runtime.mode import GradientMode, copies_along
 from ds_lab.runtime.ready import ReadyInOrder
 
 
 class BucketedAllReduce:
-    def __init__(self, params, bucket_size: int, group=None, overlap: bool = True):
+    def __init__(self, params, bucket_size: int, group=None, overlap: bool = True, hierarchical: bool = False):
         self.params = [p for p in params if p.requires_grad]
         self.group, self.overlap = group, overlap
         self.world_size = comm.get_world_size(group)
+        # collective: every rank builds the groups of every data-parallel group (flat when on one node)
+        self.hierarchy = HierarchicalAllReduce.for_group(group) if hierarchical else None
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) > 1:
             raise TypeError(f"data parallel needs one parameter dtype, got {sorted(map(str, dtypes))}")
@@ -72,7 +78,10 @@ class BucketedAllReduce:
         flat = self.buffer[start:end]
         flat.div_(self.world_size)  # average = sum of (g_r / N): pre-divide to keep fp16 in range
         with comm.tag("grad_allreduce"):
-            handle = comm.all_reduce(flat, group=self.group, async_op=async_op)
+            if self.hierarchy is not None and not self.hierarchy.flat:
+                handle = self.hierarchy.all_reduce(flat, async_op=async_op)
+            else:
+                handle = comm.all_reduce(flat, group=self.group, async_op=async_op)
         if handle is not None:
             self.handles.append(handle)
 
@@ -119,11 +128,12 @@ class DataParallel(GradientMode):
     # DeepSpeed's stage-0 fp16 optimizer ignores hysteresis and stays at the minimum scale
     loss_scaler_options = dict(use_hysteresis=False, raise_below_minimum=False)
 
-    def __init__(self, module, grid, model_dtype, device, bucket_size: int, overlap: bool = True):
+    def __init__(self, module, grid, model_dtype, device, bucket_size: int, overlap: bool = True,
+                 hierarchical: bool = False):
         super().__init__(grid, device)
         self.module, self.model_dtype = module, model_dtype
         self.master_of = {}  # model param -> fp32 master (mixed precision only)
-        self.bucket_size, self.overlap = bucket_size, overlap
+        self.bucket_size, self.overlap, self.hierarchical = bucket_size, overlap, hierarchical
         self.reducer = None
 
     def optimizer_params(self, group_index: int, params: list) -> list:
@@ -143,7 +153,7 @@ class DataParallel(GradientMode):
     def attach(self) -> None:
         """After the cast to the model dtype: the flat gradient buffer and its buckets."""
         self.reducer = BucketedAllReduce(list(self.module.parameters()), self.bucket_size,
-                                         group=self.dp_group, overlap=self.overlap)
+                                         group=self.dp_group, overlap=self.overlap, hierarchical=self.hierarchical)
 
     def backward_start(self, boundary: bool) -> None:
         self.reducer.backward_start(boundary)

@@ -126,7 +126,7 @@ class DeepSpeedEngine(torch.nn.Module):
             return client_optimizer(remapped)
         if self.config.optimizer is not None:
             try:
-                return build_optimizer(self.config.optimizer, remapped)
+                return build_optimizer(self.config.optimizer, remapped, group=self.dp_group)
             except TypeError as err:
                 raise ConfigError(f"optimizer.params {self.config.optimizer.params}: {err}") from err
         return None
