@@ -20,6 +20,8 @@ N * lcm(N, 8), so that every rank's chunk is a whole number of bytes; padding, e
 are per tensor (1-bit Adam compresses parameter by parameter).
 
 Bits are packed 8 per byte, most significant bit first (numpy's `packbits` order), in plain torch.
+`compressed_allreduce_many` compresses several tensors with one set of collectives (per-tensor
+arithmetic, shared transport); the per-tensor bytes below add up.
 
 Wire per rank for a tensor of n elements padded to P (message sizes as `comm.trace` counts them):
     all_to_all of the bits       P/8 bytes       x (N-1)/N on the wire
@@ -84,37 +86,60 @@ def compressed_allreduce(x: torch.Tensor, worker_error: torch.Tensor, server_err
     updated in place and must persist between calls (they carry what earlier rounds lost).
     Returns a new tensor of x's shape; x itself is not modified.
     """
-    n, world = x.numel(), comm.get_world_size(group)
-    padded = worker_error.numel()
-    if padded != padded_length(n, world) or server_error.numel() != padded // world:
-        raise ValueError(f"error buffers of {padded} and {server_error.numel()} elements for a tensor of {n} "
-                         f"on {world} ranks: need {padded_length(n, world)} and {padded_length(n, world) // world}")
-    buffer = torch.zeros(padded, dtype=torch.float32, device=x.device)
-    buffer[:n] = x.reshape(-1)
-    # ---- worker: compress all of x, keep what the bits could not say
-    buffer.add_(worker_error)
-    worker_scale = scale_of(buffer)
-    worker_error.copy_(buffer - worker_scale * signs(buffer))
-    bits = pack_signs(buffer)  # N chunks of padded / (8N) bytes, chunk j for server j
-    received = torch.empty_like(bits)
-    scales = torch.empty(world, dtype=torch.float32, device=x.device)
+    return compressed_allreduce_many([x], [worker_error], [server_error], group)[0]
+
+
+def compressed_allreduce_many(xs: list, worker_errors: list, server_errors: list, group=None) -> list:
+    """`compressed_allreduce` of several tensors at once: the arithmetic is per tensor (own padding,
+    errors and scales, exactly as one call each), the transport is shared: one all_to_all and three
+    all_gathers in all, instead of four per tensor (the same bytes, far fewer latencies)."""
+    world = comm.get_world_size(group)
+    device = xs[0].device
+    bits, worker_scales = [], []
+    for x, worker_error, server_error in zip(xs, worker_errors, server_errors):
+        n, padded = x.numel(), worker_error.numel()
+        if padded != padded_length(n, world) or server_error.numel() != padded // world:
+            raise ValueError(f"error buffers of {padded} and {server_error.numel()} elements for a tensor of "
+                             f"{n} on {world} ranks: need {padded_length(n, world)} and "
+                             f"{padded_length(n, world) // world}")
+        # ---- worker: compress all of x, keep what the bits could not say
+        buffer = torch.zeros(padded, dtype=torch.float32, device=device)
+        buffer[:n] = x.reshape(-1)
+        buffer.add_(worker_error)
+        scale = scale_of(buffer)
+        worker_error.copy_(buffer - scale * signs(buffer))
+        bits.append(pack_signs(buffer).reshape(world, -1))  # row j: the chunk server j averages
+        worker_scales.append(scale)
+    widths = [b.shape[1] for b in bits]
+    send = torch.cat(bits, dim=1)  # row j, for rank j: every tensor's chunk j
+    received = torch.empty_like(send)  # row r, from rank r: every tensor's chunk of this rank
+    scales = torch.empty(world, len(xs), dtype=torch.float32, device=device)
     with comm.tag("compressed_allreduce"):
-        comm.all_to_all(received, bits, group=group)
-        comm.all_gather(scales, worker_scale, group=group)
-    # ---- server: average its chunk of every worker's signs, compress again
-    chunk = unpack_signs(received).reshape(world, -1)
-    averaged = chunk.mul_(scales.mul(1 / world).reshape(world, 1)).sum(0)
-    averaged.add_(server_error)
-    server_scale = scale_of(averaged)
-    server_error.copy_(averaged - server_scale * signs(averaged))
-    server_bits = pack_signs(averaged)
-    all_bits = torch.empty(world * server_bits.numel(), dtype=torch.uint8, device=x.device)
-    server_scales = torch.empty(world, dtype=torch.float32, device=x.device)
+        comm.all_to_all(received.view(-1), send.view(-1), group=group)
+        comm.all_gather(scales.view(-1), torch.cat(worker_scales), group=group)
+    # ---- server: average this rank's chunk of every worker's signs, compress again
+    server_bits, server_scale_list, offset = [], [], 0
+    for i, (width, server_error) in enumerate(zip(widths, server_errors)):
+        chunk = unpack_signs(received[:, offset:offset + width]).reshape(world, -1)
+        averaged = chunk.mul_(scales[:, i].mul(1 / world).reshape(world, 1)).sum(0)
+        averaged.add_(server_error)
+        server_scale = scale_of(averaged)
+        server_error.copy_(averaged - server_scale * signs(averaged))
+        server_bits.append(pack_signs(averaged))
+        server_scale_list.append(server_scale)
+        offset += width
+    all_bits = torch.empty(world, offset, dtype=torch.uint8, device=device)
+    server_scales = torch.empty(world, len(xs), dtype=torch.float32, device=device)
     with comm.tag("compressed_allreduce"):
-        comm.all_gather(all_bits, server_bits, group=group)
-        comm.all_gather(server_scales, server_scale, group=group)
-    result = unpack_signs(all_bits).reshape(world, -1).mul_(server_scales.reshape(world, 1)).reshape(-1)
-    return result[:n].reshape(x.shape).to(x.dtype)
+        comm.all_gather(all_bits.view(-1), torch.cat(server_bits), group=group)
+        comm.all_gather(server_scales.view(-1), torch.cat(server_scale_list), group=group)
+    results, offset = [], 0
+    for i, (x, width) in enumerate(zip(xs, widths)):
+        signs_all = unpack_signs(all_bits[:, offset:offset + width]).reshape(world, -1)
+        result = signs_all.mul_(server_scales[:, i].reshape(world, 1)).reshape(-1)
+        results.append(result[:x.numel()].reshape(x.shape).to(x.dtype))
+        offset += width
+    return results
 
 
 def sign_majority_vote(x: torch.Tensor, group=None) -> torch.Tensor:

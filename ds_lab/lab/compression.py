@@ -14,11 +14,46 @@ import torch
 
 import ds_lab
 from ds_lab import comm
-from ds_lab.comm.compressed import padded_length
+from ds_lab.comm.compressed import compressed_allreduce, padded_length
 from ds_lab.lab.workers import rows_of
 from ds_lab.models import GPT, GPTConfig
 
 TAGS = ("grad_allreduce", "compressed_allreduce", "sign_vote")
+
+
+def compressed_rounds(n: int, rounds: int, error_feedback: bool = True, seed: int = 0) -> dict:
+    """Compress-average the *same* tensor `rounds` times: each rank holds x_r (a shared signal plus
+    its own noise). Returns the true average, each round's compressed result and the log of the
+    first round. With error feedback, what one round gets wrong the next corrects, so the mean of
+    the results converges to the true average; without it, the same error repeats every round."""
+    rank, world = comm.get_rank(), comm.get_world_size()
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(n, generator=g)
+    mine = signal + torch.randn(world, n, generator=g)[rank]  # every rank draws all the noise, keeps its own
+    truth = mine.clone()
+    comm.all_reduce(truth)
+    truth /= world
+    worker_error = torch.zeros(padded_length(n, world))
+    server_error = torch.zeros(padded_length(n, world) // world)
+    results, mark, first = [], comm.record_count(), None
+    for r in range(rounds):
+        if not error_feedback:
+            worker_error.zero_(), server_error.zero_()
+        results.append(compressed_allreduce(mine, worker_error, server_error))
+        if first is None:
+            first = [(rec.op, rec.bytes, rec.wire_bytes) for rec in comm.get_log(since=mark)
+                     if rec.tag == "compressed_allreduce"]
+    return dict(truth=truth, results=results, first_round=first)
+
+
+def running_mean_error(result: dict) -> list:
+    """|mean of the first t results - true average| / |true average| (RMS), for t = 1 .. rounds."""
+    total, out = torch.zeros_like(result["truth"]), []
+    for t, x in enumerate(result["results"], 1):
+        total += x
+        out.append((torch.linalg.vector_norm(total / t - result["truth"]) /
+                    torch.linalg.vector_norm(result["truth"])).item())
+    return out
 
 
 def zero_gradient_masks(gpt, batch, relative: float = 1e-7) -> dict:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from ds_lab import comm
-from ds_lab.comm.compressed import compressed_allreduce, padded_length
+from ds_lab.comm.compressed import compressed_allreduce_many, padded_length
 
 
 class OneBitAdam(torch.optim.Optimizer):
@@ -85,31 +85,41 @@ class OneBitAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         compress = self.compressing()
-        world = comm.get_world_size(self.group)
+        live = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         for group in self.param_groups:
             group["step"] += 1
+        for group, p in live:  # the momentum (and, in warmup, the variance) from this rank's gradient
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state, grad = self.state[p], p.grad
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                if not compress:
-                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                else:
-                    if world > 1:
-                        worker_error, server_error = self._errors(p, world)
-                        if not self.error_feedback:  # every round forgets what earlier rounds lost
-                            worker_error.zero_(), server_error.zero_()
-                        exp_avg.copy_(compressed_allreduce(exp_avg, worker_error, server_error, self.group))
-                    if "exp_avg_mask" in group:  # entries whose momentum must stay exactly zero
-                        exp_avg.mul_(group["exp_avg_mask"].to(exp_avg.device))
-                update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-                if group["weight_decay"] > 0.0:
-                    update += group["weight_decay"] * p
-                p.add_(-group["lr"] * update)
+            state, grad = self.state[p], p.grad
+            state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+            if not compress:
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if compress:
+            self._exchange_momentum([p for _, p in live])
+        for group, p in live:
+            exp_avg, exp_avg_sq = self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]
+            if compress and "exp_avg_mask" in group:  # entries whose momentum must stay exactly zero
+                exp_avg.mul_(group["exp_avg_mask"].to(exp_avg.device))
+            update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
+            if group["weight_decay"] > 0.0:
+                update += group["weight_decay"] * p
+            p.add_(-group["lr"] * update)
         return loss
+
+    def _exchange_momentum(self, params: list) -> None:
+        """Every parameter's momentum through the error-compensated 1-bit all-reduce: per tensor
+        arithmetic, one set of collectives for all of them (`compressed_allreduce_many`)."""
+        world = comm.get_world_size(self.group)
+        if world == 1 or not params:
+            return
+        errors = [self._errors(p, world) for p in params]
+        if not self.error_feedback:  # every round forgets what earlier rounds lost
+            for worker_error, server_error in errors:
+                worker_error.zero_(), server_error.zero_()
+        momenta = [self.state[p]["exp_avg"] for p in params]
+        averaged = compressed_allreduce_many(momenta, [e for e, _ in errors], [e for _, e in errors], self.group)
+        for exp_avg, value in zip(momenta, averaged):
+            exp_avg.copy_(value)
 
     def _errors(self, p, world: int):
         """The worker and server error of `p`, made (zero) at the first compressed step."""
