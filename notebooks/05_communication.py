@@ -194,7 +194,7 @@ fig = draw_curves({k: v for k, v in curves.items() if not k.startswith("SignAdam
                   f"GPT on {N} ranks: loss per step (SignAdam diverged, not drawn)", freeze_step=F)
 plt.show()
 for name, c in curves.items():
-    print(f"{name:<32} loss after {STEPS} steps (mean of the last 10): {final[name]:9.3f}   largest: {max(c):9.2f}")
+    print(f"{name:<32} loss after {STEPS} steps (mean of the last 10): {final[name]:9.3f}   highest: {max(c):9.2f}")
 
 # %% [markdown]
 # ## Measure

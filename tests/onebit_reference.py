@@ -58,8 +58,17 @@ def majority_vote(xs: list) -> torch.Tensor:
     return sign_pm(total)
 
 
+def clipped(grads: list, clip: float) -> list:
+    """clip_grad_norm_'s arithmetic on one worker's gradients (its own norm: after 1-bit Adam's
+    switch every rank clips its local gradient, as DeepSpeed does)."""
+    if not clip:
+        return grads
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return [g * torch.clamp(clip / (norm + 1e-6), max=1.0) for g in grads]
+
+
 def simulate_onebit_adam(start: list, grads: list, compressing: list, lr, betas=(0.9, 0.999), eps=1e-8,
-                         weight_decay=0.0, reset_errors_after=None):
+                         weight_decay=0.0, reset_errors_after=None, clip=0.0):
     """1-bit Adam over N simulated workers. start: the parameters; grads[r][t][i]: worker r's gradient of
     parameter i at step t, as its optimizer saw it (the average during warmup); compressing[t]: whether
     step t compresses. Returns the final parameters."""
@@ -71,13 +80,14 @@ def simulate_onebit_adam(start: list, grads: list, compressing: list, lr, betas=
     for t, compress in enumerate(compressing):
         if reset_errors_after == t:
             compressors = [SimulatedCompressor(p.numel(), world) for p in params]
+        step_grads = [clipped(grads[r][t], clip) for r in range(world)]
         for i, p in enumerate(params):
             if not compress:
-                g = grads[0][t][i]
+                g = step_grads[0][i]
                 m[i] = torch.add(m[i] * beta1, g, alpha=1 - beta1)
                 v[i] = torch.addcmul(v[i] * beta2, g, g, value=1 - beta2)
             else:
-                local = [torch.add(m[i] * beta1, grads[r][t][i], alpha=1 - beta1) for r in range(world)]
+                local = [torch.add(m[i] * beta1, step_grads[r][i], alpha=1 - beta1) for r in range(world)]
                 m[i] = compressors[i](local) if world > 1 else local[0]
             update = m[i] / (v[i].sqrt() + eps)
             if weight_decay > 0:
@@ -104,4 +114,19 @@ def simulate_sign_sgd(start: list, grads: list, lr, momentum=0.0, weight_decay=0
             if weight_decay:
                 p = p * (1 - lr * weight_decay)
             params[i] = p - lr * vote
+    return params
+
+
+def simulate_sign_adam(start: list, grads: list, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """The article's §4.4 rule on the averaged gradient grads[t][i]: p -= lr sign(m^)/(sqrt(v^)+eps)."""
+    (beta1, beta2), params = betas, [p.clone() for p in start]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t, step in enumerate(grads, 1):
+        for i, g in enumerate(step):
+            m[i] = torch.lerp(m[i], g, 1 - beta1)
+            v[i] = torch.addcmul(v[i] * beta2, g, g, value=1 - beta2)
+            p = params[i] * (1 - lr * weight_decay) if weight_decay else params[i]
+            denom = (v[i] / (1 - beta2 ** t)).sqrt() + eps
+            params[i] = torch.addcdiv(p, torch.sign(m[i] / (1 - beta1 ** t)), denom, value=-lr)
     return params

@@ -149,17 +149,32 @@ def sign_majority_vote(x: torch.Tensor, group=None) -> torch.Tensor:
     The same two phases as `compressed_allreduce`, without scales or errors: all_to_all of the bits,
     each rank votes on its chunk, all_gather of the voted bits. Wire per rank: (N-1)/N * P/4 bytes.
     """
-    n, world = x.numel(), comm.get_world_size(group)
-    padded = padded_length(n, world)
-    buffer = torch.zeros(padded, dtype=torch.float32, device=x.device)
-    buffer[:n] = x.reshape(-1)
-    bits = pack_signs(buffer)
-    received = torch.empty_like(bits)
+    return sign_majority_vote_many([x], group)[0]
+
+
+def sign_majority_vote_many(xs: list, group=None) -> list:
+    """`sign_majority_vote` of several tensors with one all_to_all and one all_gather in all."""
+    world = comm.get_world_size(group)
+    device = xs[0].device
+    bits = []
+    for x in xs:
+        buffer = torch.zeros(padded_length(x.numel(), world), dtype=torch.float32, device=device)
+        buffer[:x.numel()] = x.reshape(-1)
+        bits.append(pack_signs(buffer).reshape(world, -1))
+    widths = [b.shape[1] for b in bits]
+    send = torch.cat(bits, dim=1)
+    received = torch.empty_like(send)
     with comm.tag("sign_vote"):
-        comm.all_to_all(received, bits, group=group)
-    votes = unpack_signs(received).reshape(world, -1).sum(0)
-    voted = pack_signs(votes)
-    all_bits = torch.empty(world * voted.numel(), dtype=torch.uint8, device=x.device)
+        comm.all_to_all(received.view(-1), send.view(-1), group=group)
+    voted, offset = [], 0
+    for width in widths:  # this rank's chunk of every tensor: count the votes
+        voted.append(pack_signs(unpack_signs(received[:, offset:offset + width]).reshape(world, -1).sum(0)))
+        offset += width
+    all_bits = torch.empty(world, offset, dtype=torch.uint8, device=device)
     with comm.tag("sign_vote"):
-        comm.all_gather(all_bits, voted, group=group)
-    return unpack_signs(all_bits)[:n].reshape(x.shape).to(x.dtype)
+        comm.all_gather(all_bits.view(-1), torch.cat(voted), group=group)
+    results, offset = [], 0
+    for x, width in zip(xs, widths):
+        results.append(unpack_signs(all_bits[:, offset:offset + width])[:x.numel()].reshape(x.shape).to(x.dtype))
+        offset += width
+    return results

@@ -5,6 +5,9 @@
     tables.py    the model-states tables the chapters print
     model_parallel.py  rank functions for tensor and pipeline parallelism (chapter 4)
     drawings.py  pipeline Gantt charts and the (pipe, data, model) grid, drawn without a run
+    compression.py  1-bit Adam, SignAdam, signSGD runs and the compressed all-reduce by hand (chapter 5)
+    overlap.py   overlap_comm on vs off, step timelines and what overlapped (chapter 5)
+    hierarchy.py the flat ring and the hierarchical all-reduce on simulated nodes (chapter 5)
 
 A chapter imports these and never pastes them; a function here is importable, so a spawned rank
 (NCCL on GPUs) finds it too.

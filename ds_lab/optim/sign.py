@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ds_lab import comm
-from ds_lab.comm.compressed import padded_length, sign_majority_vote, signs
+from ds_lab.comm.compressed import padded_length, sign_majority_vote_many, signs
 
 
 class SignAdam(torch.optim.Optimizer):
@@ -84,21 +84,26 @@ class SignSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world = comm.get_world_size(self.group)
+        live = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        directions = []
         for group in self.param_groups:
             group["step"] += 1
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                direction = p.grad
-                if group["momentum"] > 0:
-                    state = self.state[p]
-                    if not state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    direction = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
-                vote = sign_majority_vote(direction, self.group) if world > 1 else signs(direction)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(vote, alpha=-group["lr"])
+        for group, p in live:  # this rank's own direction: its gradient, or its momentum (Signum)
+            if group["momentum"] > 0:
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                directions.append(state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"]))
+            else:
+                directions.append(p.grad)
+        if world > 1 and live:  # one vote for every tensor: one all_to_all and one all_gather
+            votes = sign_majority_vote_many(directions, self.group)
+        else:
+            votes = [signs(d) for d in directions]
+        for (group, p), vote in zip(live, votes):
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(vote, alpha=-group["lr"])
         return loss
 
 
