@@ -36,8 +36,9 @@
 # Adam's step is $m/(\sqrt v + \epsilon)$. Tang et al. (2021) observed that the variance $v$ settles
 # early in training. Once it is **frozen**, Adam is momentum SGD with a fixed per-element learning
 # rate. Momentum can be sent as one bit per element if the error is **fed back**. 1-bit Adam, as
-# DeepSpeed defined it (≤ 0.18, `runtime/fp16/onebit/adam.py`; ds_lab's `OneBitAdam` is equal to
-# it, and `tests/test_onebit.py` holds it to a simulation of N workers), has two stages:
+# DeepSpeed defined it (≤ 0.18, `runtime/fp16/onebit/adam.py`), has two stages. ds_lab's
+# `OneBitAdam` is that algorithm: `tests/test_onebit.py` holds it to DeepSpeed 0.18.9's own run on
+# CPU, weight for weight, and to a simulation of N workers.
 #
 # | | steps | what is sent | update |
 # |---|---|---|---|

@@ -71,3 +71,28 @@ def train_worker(config, batches, seed=0, record_grads=True, reset_errors_after=
     return dict(start=start, grads=grads, losses=losses, weights=full_weights(engine), traffic=traffic,
                 compressing=compressing, names=[n for n, _ in engine.module.named_parameters()],
                 memory=engine.memory_report())
+
+
+def probe_data(step: int, rank: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(4, 5, generator=g), torch.randn(4, 3, generator=g)
+
+
+def deepspeed_probe_worker(steps: int):
+    """The program of tests/test_onebit.py's DeepSpeed probe, through ds_lab (its step t = DeepSpeed's t+1)."""
+    rank = comm.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+              "optimizer": {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 3, "weight_decay": 0.01,
+                                                            "comm_backend_name": "compressed"}}}
+    engine, *_ = ds_lab.initialize(model=model, config=config)
+    out = [dict(loss=None, weights=[p.detach().reshape(-1).tolist() for p in model.parameters()])]
+    for step in range(1, steps + 1):
+        x, y = probe_data(step, rank)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        out.append(dict(loss=loss.item(), weights=[p.detach().reshape(-1).tolist() for p in model.parameters()],
+                        compressing=engine.optimizer.compressing(step)))
+    return out

@@ -1,6 +1,8 @@
 """1-bit Adam, its compressed all-reduce, and the two sign optimizers, held to single-process
 simulations of N workers (tests/onebit_reference.py) on launched ranks at world 2, 3 and 4."""
+import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -109,6 +111,30 @@ def test_onebit_adam_equals_the_simulation_of_n_workers(world):
     expected = simulate(res, lr=1e-4, weight_decay=0.01)
     for name, value in expected.items():
         exactly(res[0]["weights"][name], value, name)
+
+
+def test_onebit_adam_in_bf16_steps_fp32_masters_equal_to_the_simulation():
+    batches = make_batches(6, 12, 16)
+    res = ds_lab.launch(w.train_worker, 2, onebit(lr=1e-3, bf16={"enabled": True}), batches)
+    assert res[0]["compressing"] == [False, False, True, True, True, True]
+    torch.manual_seed(0)
+    start = dict(GPT(GPTConfig(**w.TINY)).named_parameters())  # the fp32 values the masters begin with
+    names = res[0]["names"]
+    final = ref.simulate_onebit_adam([start[n].detach() for n in names], [r["grads"] for r in res],
+                                     res[0]["compressing"], lr=1e-3, weight_decay=0.01)
+    for name, value in zip(names, final):  # the module holds the masters rounded to bf16
+        assert torch.equal(res[0]["weights"][name], value.to(torch.bfloat16).float()), name
+        assert torch.equal(res[1]["weights"][name], res[0]["weights"][name]), name
+
+
+def test_onebit_adam_in_fp16_with_loss_scaling_trains_on_equal_ranks():
+    batches = make_batches(6, 12, 16)
+    res = ds_lab.launch(w.train_worker, 2, onebit(lr=1e-3, fp16={"enabled": True, "initial_scale_power": 8}),
+                        batches, 0, False)
+    assert res[0]["compressing"] == [False, False, True, True, True, True]
+    assert all(math.isfinite(x) for x in res[0]["losses"]) and res[0]["losses"][-1] < res[0]["losses"][0]
+    for k, v in res[0]["weights"].items():
+        assert torch.equal(res[1]["weights"][k], v), k
 
 
 def test_clipping_after_the_switch_uses_each_ranks_local_norm_as_deepspeed_does():
@@ -228,6 +254,13 @@ def test_config_reads_deepspeeds_onebit_params_and_refuses_what_it_cannot_do():
     with pytest.raises(ConfigError, match="ZeRO stage 0 only"):
         mode_builder(cfg)
 
+    class TensorParallelGrid:  # what the builder asks of a grid of 2 data x 2 model ranks
+        def size(self, axis):
+            return 2 if axis in ("data", "model") else 1
+    build = mode_builder(DeepSpeedConfig.from_any(onebit()))
+    with pytest.raises(ConfigError, match="pure data parallel"):
+        build(torch.nn.Linear(2, 2), [], TensorParallelGrid(), torch.float32, torch.device("cpu"))
+
 
 def test_exp_avg_mask_keeps_masked_momentum_at_zero_through_compression():
     p = torch.nn.Parameter(torch.ones(10))
@@ -239,3 +272,46 @@ def test_exp_avg_mask_keeps_masked_momentum_at_zero_through_compression():
     assert opt.compressing(3) and torch.equal(opt.state[p]["exp_avg"][5:], torch.zeros(5))
     opt.load_state_dict(opt.state_dict())
     assert opt.param_groups[0]["exp_avg_mask"] is mask
+
+
+# ---- DeepSpeed itself -------------------------------------------------------------------------------
+
+DEEPSPEED = json.loads((pathlib.Path(__file__).parent / "deepspeed_onebit_adam.json").read_text())
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_equal_to_deepspeed_0_18_9s_onebit_adam_run_on_cpu(world):
+    """tests/deepspeed_onebit_adam.json was measured from DeepSpeed 0.18.9 (the last with 1-bit Adam),
+    torch 2.13.0+cpu, gloo, `torchrun --nproc-per-node N` (N = 2, 3, 4), DS_ACCELERATOR=cpu. The probe:
+
+        torch.manual_seed(0)
+        model = Sequential(Linear(5, 7), Tanh(), Linear(7, 3))      # tensors of 35, 7, 21, 3 elements
+        config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, "optimizer": {
+                  "type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 3, "weight_decay": 0.01,
+                                                  "comm_backend_name": "compressed"}}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        for step in range(9):                     # x, y = tests/onebit_workers.py probe_data(step, rank)
+            loss = mse_loss(engine(x), y); engine.backward(loss); engine.step()
+            record loss, every weight, engine.enable_backward_allreduce
+
+    Two things had to be patched for DeepSpeed's CPU build, neither touching the numbers: its
+    `CompressedBackend` loads a packbits op that has no CPU implementation (replaced by numpy's
+    packbits of sign(x) + 1 > 0, the NCCL path's rule), and it all-gathers a 0-dim scale into
+    1-element buffers, which gloo refuses (the scale is reshaped to (1,)).
+
+    What it shows: DeepSpeed's fp32 path spends the user's first step() on initialising (no weight
+    moves), so its step t+1 is ds_lab's step t; its gradient all-reduce is off from its step 4 = ds_lab's
+    step 3 = freeze_step; and every later weight is ds_lab's: bitwise at N = 2 (both average exactly),
+    to fp32 rounding at N = 3, 4 (the averages round in a different order; no sign bit differs)."""
+    ds = DEEPSPEED[str(world)]
+    ours = ds_lab.launch(w.deepspeed_probe_worker, world, 8)[0]
+    assert ds["weights"][0] == ours[0]["weights"]  # DeepSpeed's first step() moved nothing
+    assert ds["backward_allreduce"] == [True, True, False, False, False, False, False, False, False]
+    assert [r["compressing"] for r in ours[1:]] == [False, False, True, True, True, True, True, True]
+    for t in range(1, 9):
+        for mine, theirs in zip(ours[t]["weights"], ds["weights"][t]):
+            if world == 2:
+                assert mine == theirs, t
+            else:
+                torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=0, atol=1e-6)
+        assert ours[t]["loss"] == pytest.approx(ds["losses"][t], rel=1e-6, abs=0 if world == 2 else 1e-6)

@@ -40,7 +40,7 @@ _DEEPSPEED_OPTIMIZERS = ("Adagrad", "Lamb", "Lion", "MuAdam", "MuAdamW", "MuSGD"
 # The communicating optimizers (ds_lab.optim.onebit_adam, ds_lab.optim.sign): params, defaults, checks.
 # OneBitAdam's are DeepSpeed ≤ 0.18's (runtime/fp16/onebit/adam.py) plus ds_lab's error_feedback switch
 # (false: no error compensation, to show the drift); SignAdam and SignSGD are ds_lab's own.
-_COMM_BACKENDS = ("nccl", "gloo", "mpi", "hccl", "xccl")
+_COMM_BACKENDS = ("nccl", "mpi", "hccl", "compressed", "gloo")  # DeepSpeed ≤ 0.18's, and gloo
 OTHER_OPTIMIZER_PARAMS = {
     "OneBitAdam": {"lr": (1e-3, _number), "betas": ((0.9, 0.999), _betas), "eps": (1e-8, _number),
                    "weight_decay": (0.0, _number), "freeze_step": (100000, _integer),

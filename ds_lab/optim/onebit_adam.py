@@ -1,5 +1,7 @@
 """1-bit Adam (Tang et al. 2021, arXiv 2102.02888), as DeepSpeed ≤ 0.18 defined it
 (runtime/fp16/onebit/adam.py: OnebitAdam) — the maintained version, and one that runs on a CPU.
+tests/test_onebit.py holds it to DeepSpeed 0.18.9's own run (weight for weight, at 2, 3, 4 ranks)
+and to a single-process simulation of N workers.
 
 The observation: after a short warmup Adam's variance v changes slowly, so it can be frozen; then
 Adam is momentum SGD with a fixed per-element learning rate, and momentum tolerates compression
