@@ -81,18 +81,18 @@ def param_groups_with_masks(gpt, masks: dict) -> list:
 
 
 def compression_train(optimizer: dict, batches, model: dict, seed: int = 0, clip: float = 0.0,
-                      masks: bool = False) -> dict:
+                      masks: bool = False, extra: dict | None = None) -> dict:
     """Train a GPT on `batches` (global batches; this rank takes its rows) with the optimizer
     section `optimizer`; return the rank's losses and, per step, the bytes of each tag it sent.
     masks: give 1-bit Adam `exp_avg_mask`s for the entries the data never moves (measured on the
-    first batch, `zero_gradient_masks`)."""
+    first batch, `zero_gradient_masks`). extra: more config keys (e.g. "hierarchical_allreduce")."""
     rank, world = comm.get_rank(), comm.get_world_size()
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(**model))
     masked = zero_gradient_masks(gpt, batches[0]) if masks else {}
     engine, *_ = ds_lab.initialize(model=gpt, model_parameters=param_groups_with_masks(gpt, masked), config={
-        "train_batch_size": batches[0].shape[0], "gradient_clipping": clip, "optimizer": optimizer})
-    losses, wire, messages, compressing = [], [], [], []
+        "train_batch_size": batches[0].shape[0], "gradient_clipping": clip, "optimizer": optimizer, **(extra or {})})
+    losses, wire, messages, compressing, links = [], [], [], [], []
     for batch in batches:
         compressing.append(bool(getattr(engine.optimizer, "compressing", lambda: False)()))
         mark = comm.record_count()
@@ -103,9 +103,10 @@ def compression_train(optimizer: dict, batches, model: dict, seed: int = 0, clip
         records = [r for r in comm.get_log(since=mark) if r.tag in TAGS]
         wire.append({tag: sum(r.wire_bytes for r in records if r.tag == tag) for tag in TAGS})
         messages.append({tag: sum(r.bytes for r in records if r.tag == tag) for tag in TAGS})
+        links.append({link: sum(r.wire_bytes for r in records if r.link == link) for link in ("intra", "inter", "")})
         losses.append(loss.item())
     largest = {name: p.detach().abs().max().item() for name, p in engine.module.named_parameters()}
-    return dict(losses=losses, wire=wire, messages=messages, compressing=compressing, largest=largest,
+    return dict(losses=losses, wire=wire, messages=messages, compressing=compressing, largest=largest, links=links,
                 masked={name: int((m == 0).sum()) for name, m in masked.items()},
                 sizes=[p.numel() for p in engine.module.parameters()])
 

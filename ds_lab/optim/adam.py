@@ -23,6 +23,14 @@ import math
 import torch
 
 
+def run_closure(closure):
+    """torch.optim's convention: `step(closure)` re-evaluates the loss, with gradients on, first."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Adam(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  adam_w_mode=True, bias_correction=True):
@@ -34,10 +42,7 @@ class Adam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -45,6 +45,7 @@ import torch
 
 from ds_lab import comm
 from ds_lab.comm.compressed import compressed_allreduce_many, padded_length
+from ds_lab.optim.adam import run_closure
 
 
 class OneBitAdam(torch.optim.Optimizer):
@@ -82,10 +83,7 @@ class OneBitAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         compress = self.compressing()
         live = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         for group in self.param_groups:

@@ -27,6 +27,7 @@ import torch
 
 from ds_lab import comm
 from ds_lab.comm.compressed import padded_length, sign_majority_vote_many, signs
+from ds_lab.optim.adam import run_closure
 
 
 class SignAdam(torch.optim.Optimizer):
@@ -40,10 +41,7 @@ class SignAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             group["step"] += 1
             t, (beta1, beta2), lr = group["step"], group["betas"], group["lr"]
@@ -79,10 +77,7 @@ class SignSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         world = comm.get_world_size(self.group)
         live = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         directions = []
