@@ -98,7 +98,7 @@ from ds_lab.comm import compressed, links
 from ds_lab.data import DistributedLoader, corpus_tokens
 from ds_lab.lab.compression import (compressed_rounds, compression_train, draw_curves, global_curve,
                                     onebit_step_ratio, running_mean_error, step_wire, whole_run_reduction)
-from ds_lab.lab.hierarchy import flat_vs_hierarchical, link_bytes
+from ds_lab.lab.hierarchy import draw_hierarchy, flat_vs_hierarchical, link_bytes
 from ds_lab.lab.overlap import draw_overlap, format_summary, overlap_train, timeline_summary
 from ds_lab.monitor import Dashboard
 
@@ -280,6 +280,8 @@ for rank, r in enumerate(nodes_run):
 print("hierarchical records of rank 0:", [(x["op"], x["bytes"], x["link"]) for x in nodes_run[0]["hierarchical"]["records"]])
 theory = links.cross_node_bytes(NUMEL, WORLD, K)
 print("analytic:", theory)
+fig = draw_hierarchy(nodes_run, K)
+plt.show()
 
 # %% [markdown]
 # Which bytes cross the node boundary? Counted rigorously (`ds_lab/comm/links.py`), with $m = N/k$ nodes:
