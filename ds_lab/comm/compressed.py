@@ -19,7 +19,8 @@ sign(0) = +1 (a bit cannot say 0). Each tensor is padded with zeros to a multipl
 N * lcm(N, 8), so that every rank's chunk is a whole number of bytes; padding, errors and scales
 are per tensor (1-bit Adam compresses parameter by parameter).
 
-Bits are packed 8 per byte, most significant bit first (numpy's `packbits` order), in plain torch.
+Bits are packed 8 per byte, most significant bit first (numpy's `packbits` order): in torch on a
+CPU, by kernels/sign_pack.cu on a GPU (`ds_lab.ops.sign_pack`, where the bit arithmetic lives).
 `compressed_allreduce_many` compresses several tensors with one set of collectives (per-tensor
 arithmetic, shared transport); the per-tensor bytes below add up.
 
@@ -38,36 +39,12 @@ import math
 import torch
 
 from ds_lab import comm
-
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
+from ds_lab.ops.sign_pack import pack_signs, pack_with_error, scale_of, signs, unpack_scaled, unpack_signs  # noqa: F401
 
 def padded_length(n: int, world_size: int) -> int:
     """n rounded up to a multiple of N * lcm(N, 8): N chunks of whole bytes (DeepSpeed's rule)."""
     unit = world_size * (world_size * 8 // math.gcd(world_size, 8))
     return -(-n // unit) * unit
-
-
-def signs(x: torch.Tensor) -> torch.Tensor:
-    """+1.0 where x >= 0, -1.0 where x < 0 (so sign(0) = +1), in x's dtype."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-
-def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """One bit per element of x (1 = non-negative), 8 per uint8 byte, MSB first. len(x) % 8 == 0."""
-    bits = (x.reshape(-1, 8) >= 0).to(torch.uint8)
-    return (bits * _BIT_WEIGHTS.to(bits.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_signs(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """The inverse of `pack_signs`: +1.0 / -1.0 for each of the 8 * len(packed) bits."""
-    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return torch.where(bits, 1.0, -1.0).to(dtype).reshape(-1)
-
-
-def scale_of(x: torch.Tensor) -> torch.Tensor:
-    """The 1-bit scale: ||x|| / sqrt(len(x)) (the root mean square), a one-element float32 tensor."""
-    return (torch.linalg.vector_norm(x) / math.sqrt(x.numel())).reshape(1)
 
 
 def wire_bytes(n: int, world_size: int) -> float:
@@ -106,9 +83,8 @@ def compressed_allreduce_many(xs: list, worker_errors: list, server_errors: list
         buffer = torch.zeros(padded, dtype=torch.float32, device=device)
         buffer[:n] = x.reshape(-1)
         buffer.add_(worker_error)
-        scale = scale_of(buffer)
-        worker_error.copy_(buffer - scale * signs(buffer))
-        bits.append(pack_signs(buffer).reshape(world, -1))  # row j: the chunk server j averages
+        packed, scale = pack_with_error(buffer, worker_error)  # e <- b - s sign(b); a kernel on a GPU
+        bits.append(packed.reshape(world, -1))  # row j: the chunk server j averages
         worker_scales.append(scale)
     widths = [b.shape[1] for b in bits]
     send = torch.cat(bits, dim=1)  # row j, for rank j: every tensor's chunk j
@@ -123,9 +99,8 @@ def compressed_allreduce_many(xs: list, worker_errors: list, server_errors: list
         chunk = unpack_signs(received[:, offset:offset + width]).reshape(world, -1)
         averaged = chunk.mul_(scales[:, i].mul(1 / world).reshape(world, 1)).sum(0)
         averaged.add_(server_error)
-        server_scale = scale_of(averaged)
-        server_error.copy_(averaged - server_scale * signs(averaged))
-        server_bits.append(pack_signs(averaged))
+        packed, server_scale = pack_with_error(averaged, server_error)  # E <- c - S sign(c)
+        server_bits.append(packed)
         server_scale_list.append(server_scale)
         offset += width
     all_bits = torch.empty(world, offset, dtype=torch.uint8, device=device)
@@ -135,8 +110,7 @@ def compressed_allreduce_many(xs: list, worker_errors: list, server_errors: list
         comm.all_gather(server_scales.view(-1), torch.cat(server_scale_list), group=group)
     results, offset = [], 0
     for i, (x, width) in enumerate(zip(xs, widths)):
-        signs_all = unpack_signs(all_bits[:, offset:offset + width]).reshape(world, -1)
-        result = signs_all.mul_(server_scales[:, i].reshape(world, 1)).reshape(-1)
+        result = unpack_scaled(all_bits[:, offset:offset + width].reshape(-1), server_scales[:, i].contiguous())
         results.append(result[:x.numel()].reshape(x.shape).to(x.dtype))
         offset += width
     return results

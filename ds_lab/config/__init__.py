@@ -47,6 +47,7 @@ T runtime/tensor_parallel/config.py.
 | optimizer.params adam_w_mode             | True              | E   | see "departs" below                   |
 | scheduler.params                         | per schedule      |     | SCHEDULES = lr_schedules.py signatures|
 | hierarchical_allreduce                   | False             | -   | ds_lab's own; stage 0 only (below)    |
+| fused_kernels                            | None (auto)       | -   | ds_lab's own; no GPU/CuPy -> torch    |
 
 Where ds_lab departs from DeepSpeed:
 - DeepSpeed's optimizer "Adam" is AdamW (decoupled weight decay) unless params.adam_w_mode is false.
@@ -62,6 +63,9 @@ Where ds_lab departs from DeepSpeed:
 - ``hierarchical_allreduce`` is ds_lab's own key (DeepSpeed has none): true makes the stage-0
   gradient all-reduce topology-aware (intra-node reduce-scatter, inter-node all-reduce of 1/k,
   intra-node all-gather; ``ds_lab/comm/hierarchical.py``). With ZeRO stages it is an error.
+- ``fused_kernels`` is ds_lab's own key (DeepSpeed builds its ops per feature): false makes every op
+  run its torch reference; null (default) and true let an op use its kernels/*.cu through CuPy when its
+  tensors are on a GPU and CuPy is installed. Without them, true falls back to torch, with no error.
 - An optimizer or scheduler passed to ``initialize()`` overrides the config's section, as in DeepSpeed,
   with a warning (DeepSpeed only logs it): see ``check_client_optimizer``.
 
@@ -88,7 +92,7 @@ from ds_lab.config.sections import (_BF16_CHECKERS, _COMMS_LOGGER_CHECKERS, _DEE
                                     FP16Config, MonitorConfig, ZeroConfig,
                                     _check_zero_semantics, _DEEPSPEED_PIPELINE_KEYS, _PIPELINE_CHECKERS, PipelineConfig,
                                     _DEEPSPEED_TENSOR_PARALLEL_KEYS, _TENSOR_PARALLEL_CHECKERS, TensorParallelConfig,
-                                    _hierarchical_allreduce)
+                                    _fused_kernels, _hierarchical_allreduce)
 
 __all__ = ["ConfigError", "DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "FP16Config", "BF16Config",
            "ZeroConfig", "CommsLoggerConfig", "MonitorConfig", "SUPPORTED_ZERO_STAGES", "SUPPORTED_OPTIMIZERS",
@@ -114,6 +118,7 @@ class DeepSpeedConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # read by the pipeline engine only
     tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)  # AutoTP, in initialize
     hierarchical_allreduce: bool = False  # ds_lab's own: stage-0 gradients all-reduced node-aware
+    fused_kernels: Optional[bool] = None  # ds_lab's own: None/True = CUDA kernels where they can run, False = torch
     raw: dict = field(default_factory=dict)  # a copy of the user's dict as given
 
     @property
@@ -208,6 +213,7 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
         tensor_parallel=_build(TensorParallelConfig, _section(raw, "tensor_parallel"), "tensor_parallel",
                                _TENSOR_PARALLEL_CHECKERS, _DEEPSPEED_TENSOR_PARALLEL_KEYS),
         hierarchical_allreduce=_hierarchical_allreduce(raw.get("hierarchical_allreduce", False), zero.stage),
+        fused_kernels=_fused_kernels(raw.get("fused_kernels"), "fused_kernels"),
         raw=raw,
     )
 

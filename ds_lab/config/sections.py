@@ -199,3 +199,12 @@ def _hierarchical_allreduce(value, zero_stage: int) -> bool:
         raise ConfigError(f"hierarchical_allreduce: true applies to the stage-0 gradient all-reduce only, but "
                           f"zero_optimization.stage is {zero_stage}; set the stage to 0 or remove the key")
     return enabled
+
+
+def _fused_kernels(value, name):
+    """ds_lab's own top-level key: true/false/null. null (the default) lets each op pick its CUDA kernel
+    when its tensors are on a GPU and CuPy is installed, torch otherwise (ds_lab/ops/backend.py)."""
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true, false or null (null: the CUDA kernels when CUDA and CuPy are "
+                          f"there, torch otherwise), got {value!r}")
+    return value

@@ -19,6 +19,17 @@ import importlib.util
 import torch
 
 BACKENDS = ("cuda", "emulate", "torch")
+# what the row kernels' launchers share (norm.py, gelu.py, softmax.py)
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the kernel entry point for each dtype
+MAX_THREADS = 256
+MAX_BLOCKS = 256  # rows per launch beyond this are grid-strided; also the number of dweight partials
+
+
+def threads_for(width: int) -> int:
+    """A block size for `width` elements per row: a multiple of 32 (the kernels' reductions
+    assume whole warps), at most MAX_THREADS."""
+    return min(MAX_THREADS, max(32, (width + 31) // 32 * 32))
+
 _fused = {"enabled": True}  # the engine's "fused_kernels" config switch sets this
 
 

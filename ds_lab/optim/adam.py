@@ -10,17 +10,18 @@ For each parameter p with gradient g, at step t (lr, betas (b1, b2), eps, weight
 Two moments, m and v, in fp32: 8 bytes per parameter, which with the fp32 master copy (4 bytes)
 is the K = 12 of mixed-precision ZeRO. The step count t is a Python int per group (as in
 DeepSpeed's FusedAdam), not a tensor per parameter, so the memory ledger sees exactly 8Ψ.
-The math is the same as torch.optim.Adam/AdamW's (tests compare them); the update runs with
-torch's `_foreach` ops, one launch per group.
+The math is the same as torch.optim.Adam/AdamW's (tests compare them); the update is one fused
+kernel launch per group on a GPU with CuPy (kernels/fused_adam.cu, the `fused_kernels` switch),
+torch's `_foreach` ops otherwise: `ds_lab.ops.fused_adam`.
 
 DeepSpeed's `"type": "Adam"` means adam_w_mode=True (decoupled decay) and weight_decay=0 by
 default; `ds_lab.config` resolves that and `build_optimizer` follows it.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from ds_lab.ops.fused_adam import fused_adam_step
 
 
 def run_closure(closure):
@@ -60,22 +61,9 @@ class Adam(torch.optim.Optimizer):
 
     @staticmethod
     def _update(group, params, grads, exp_avgs, exp_avg_sqs):
-        lr, (beta1, beta2), eps, wd, t = (group["lr"], group["betas"], group["eps"],
-                                          group["weight_decay"], group["step"])
-        if wd != 0:
-            if group["adam_w_mode"]:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            else:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        if group["bias_correction"]:
-            bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
-        else:
-            bias1 = bias2 = 1.0
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, math.sqrt(bias2))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bias1)
+        """The update above for every tensor of the group: one fused kernel launch on a GPU
+        (kernels/fused_adam.cu), torch `_foreach` ops elsewhere (`ds_lab.ops.fused_adam`)."""
+        fused_adam_step(params, grads, exp_avgs, exp_avg_sqs, lr=group["lr"], betas=group["betas"],
+                        eps=group["eps"], weight_decay=group["weight_decay"], step=group["step"],
+                        adam_w_mode=group["adam_w_mode"], bias_correction=group["bias_correction"])
 

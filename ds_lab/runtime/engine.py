@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from ds_lab import comm
+from ds_lab import comm, ops
 from ds_lab.config import ConfigError, DeepSpeedConfig
 from ds_lab.monitor import events
 from ds_lab.monitor.monitors import build_monitors
@@ -60,6 +60,7 @@ class DeepSpeedEngine(torch.nn.Module):
         self.dp_world_size, self.dp_rank = grid.size("data"), grid.rank_in("data")
         self.device = comm.device()
         self.precision = config.precision
+        ops.set_fused_kernels(config.fused_kernels is not False)  # null: kernels where GPU + CuPy, else torch
         self.global_steps = self.global_samples = self.micro_steps = self.skipped_steps = 0
         self._global_grad_norm = None
         self._step_applied = False
