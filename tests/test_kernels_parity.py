@@ -182,3 +182,31 @@ def test_a_dtype_the_kernels_lack_is_an_error_when_asked_for_and_torch_by_defaul
     with pytest.raises(BackendError, match="float32 or bfloat16"):
         CALLS[op](t, "emulate")
     assert CALLS[op](t, None).dtype == torch.float64
+
+
+def test_the_gpt_runs_the_fused_kernels_where_they_can_run(monkeypatch):
+    """Make the default backend the emulation (as if a GPU were here): the GPT's LayerNorms and MLP
+    then go through kernels/layer_norm.cu and kernels/bias_gelu.cu; loss and gradients equal torch's."""
+    from ds_lab.models import GPT, GPTConfig
+    from ds_lab.ops import backend as backends
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=34, block_size=8, vocab_size=37))
+    x = torch.randint(0, 37, (2, 8))
+    plain = model(input_ids=x, labels=x).loss
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    calls = []
+    original = backends.resolve
+
+    def as_if_on_a_gpu(backend, *tensors):
+        calls.append(backend)
+        return "emulate" if backend is None else original(backend, *tensors)
+    monkeypatch.setattr(backends, "resolve", as_if_on_a_gpu)
+    with poison_outputs():
+        fused = model(input_ids=x, labels=x).loss
+        fused.backward()
+    assert len(calls) >= 3  # ln_1, ln_2, ln_f, and the MLP
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -15,6 +15,10 @@ odd when `bias=False`, or when `bias=True` and `vocab_size + block_size + n_laye
 
     GPT(GPTConfig(n_embd=35, n_head=5, bias=False)).num_parameters()      # 72_555, odd
     GPT(GPTConfig(vocab_size=257, n_embd=35, n_head=5)).num_parameters()  # 74_165, indivisible by 2, 3, 4
+
+On a GPU with CuPy (and the engine's `fused_kernels` on) the LayerNorms run kernels/layer_norm.cu
+and the MLP's bias + GeLU kernels/bias_gelu.cu (ds_lab.ops); attention stays torch's fused
+scaled_dot_product_attention. On a CPU every layer is plain torch.
 """
 
 import math
@@ -24,6 +28,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ds_lab.ops import backend as kernel_backend
+from ds_lab.ops.gelu import bias_gelu
+from ds_lab.ops.norm import layer_norm as fused_layer_norm
 
 
 @dataclass
@@ -77,6 +85,21 @@ def residual_std(config) -> float:
     return 0.02 / math.sqrt(2 * config.n_layer)
 
 
+def _fused(x: torch.Tensor) -> bool:
+    """Whether the fused kernels run this layer: where they can (a GPU with CuPy) and the engine's
+    `fused_kernels` switch allows (ds_lab/ops/backend.py). On a CPU the layers are plain torch."""
+    return kernel_backend.resolve(None, x) != "torch"
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same checkpoints) that runs kernels/layer_norm.cu when fused."""
+
+    def forward(self, x):
+        if _fused(x):
+            return fused_layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -112,15 +135,18 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        if _fused(x) and self.c_fc.bias is not None:  # x W^T, then bias + GeLU in one kernel
+            return self.dropout(self.c_proj(bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias,
+                                                      approximate="none")))
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -137,7 +163,7 @@ class GPT(nn.Module):
         self.wpe = Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # One matrix both embeds tokens and scores them: fewer parameters, and the

@@ -81,10 +81,14 @@ class FusedBiasGelu(torch.autograd.Function):
         return dx.view(ctx.shape), dbias, None, None
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """gelu(x + bias), bias of x's last dimension; the form is ds_lab.ops.GELU_APPROXIMATE, read now.
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str | None = None,
+              approximate: str | None = None) -> torch.Tensor:
+    """gelu(x + bias), bias of x's last dimension; the form is ds_lab.ops.GELU_APPROXIMATE, read now,
+    unless `approximate` ("tanh" or "none") names it (a model whose GeLU is fixed, e.g. ds_lab's GPT).
     backend: "cuda", "emulate", "torch" or None for the best available (ds_lab/ops/backend.py)."""
-    form = approximation()
+    if approximate is not None and approximate not in FORMS:
+        raise ValueError(f"approximate={approximate!r}: 'tanh' (GPT-2) or 'none' (exact erf)")
+    form = approximate or approximation()
     chosen = backends.resolve(backend, x, bias)
     if chosen == "torch" or x.numel() == 0:
         return bias_gelu_reference(x, bias, form)
