@@ -208,8 +208,14 @@ def test_fused_kernels_of_the_wrong_type_is_refused():
 @pytest.mark.parametrize("value, enabled", [(False, False), (True, True), (None, True)])
 def test_engine_sets_the_fused_kernels_switch(value, enabled, monkeypatch):
     import ds_lab
+    from ds_lab import comm
     monkeypatch.setattr(backend, "_fused", {"enabled": not enabled})
     model = torch.nn.Linear(4, 2)
-    ds_lab.initialize(model=model, config={"train_batch_size": 2, "fused_kernels": value,
-                                           "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}})
-    assert backend.fused_kernels_enabled() is enabled
+    owned = not comm.is_initialized()  # initialize() makes a world of one here: leave none behind
+    try:
+        ds_lab.initialize(model=model, config={"train_batch_size": 2, "fused_kernels": value,
+                                               "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}})
+        assert backend.fused_kernels_enabled() is enabled
+    finally:
+        if owned:
+            comm.destroy()
