@@ -60,14 +60,25 @@ struct alignas(8) Bf16x4 {
     __nv_bfloat16 x, y, z, w;
 };
 
+// This block's row of the chunk table: which tensor, from which element, how many.
+struct Chunk {
+    long long tensor, start;
+    int count;
+};
+__device__ __forceinline__ Chunk chunk_of(const long long* __restrict__ chunks) {
+    const long long* row = chunks + 3 * blockIdx.x;
+    return Chunk{row[0], row[1], static_cast<int>(row[2])};
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 fused_adam_f32(const long long* __restrict__ pointers, int num_tensors, const long long* __restrict__ chunks,
                float lerp_weight, float beta2, float one_minus_beta2, float eps, float step_size,
                float bias2_sqrt, float decay, float weight_decay, int adam_w_mode) {
     const AdamScalars s{lerp_weight, beta2, one_minus_beta2, eps, step_size, bias2_sqrt, decay, weight_decay,
                         adam_w_mode};
-    const long long tensor = chunks[3 * blockIdx.x], start = chunks[3 * blockIdx.x + 1];
-    const int count = static_cast<int>(chunks[3 * blockIdx.x + 2]);
+    const Chunk chunk = chunk_of(chunks);
+    const long long tensor = chunk.tensor, start = chunk.start;
+    const int count = chunk.count;
     float* p = reinterpret_cast<float*>(pointers[tensor]) + start;
     const float* g = reinterpret_cast<const float*>(pointers[num_tensors + tensor]) + start;
     float* m = reinterpret_cast<float*>(pointers[2 * num_tensors + tensor]) + start;
@@ -99,8 +110,9 @@ fused_adam_bf16_master(const long long* __restrict__ pointers, int num_tensors, 
                        float bias2_sqrt, float decay, float weight_decay, int adam_w_mode) {
     const AdamScalars s{lerp_weight, beta2, one_minus_beta2, eps, step_size, bias2_sqrt, decay, weight_decay,
                         adam_w_mode};
-    const long long tensor = chunks[3 * blockIdx.x], start = chunks[3 * blockIdx.x + 1];
-    const int count = static_cast<int>(chunks[3 * blockIdx.x + 2]);
+    const Chunk chunk = chunk_of(chunks);
+    const long long tensor = chunk.tensor, start = chunk.start;
+    const int count = chunk.count;
     __nv_bfloat16* param = reinterpret_cast<__nv_bfloat16*>(pointers[tensor]) + start;
     const __nv_bfloat16* g = reinterpret_cast<const __nv_bfloat16*>(pointers[num_tensors + tensor]) + start;
     float* p = reinterpret_cast<float*>(pointers[2 * num_tensors + tensor]) + start;  // the fp32 master
