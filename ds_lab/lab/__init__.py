@@ -8,6 +8,12 @@
     compression.py  1-bit Adam, SignAdam, signSGD runs and the compressed all-reduce by hand (chapter 5)
     overlap.py   overlap_comm on vs off, step timelines and what overlapped (chapter 5)
     hierarchy.py the flat ring and the hierarchical all-reduce on simulated nodes (chapter 5)
+    kernels.py   the roofline from the kernels' headers, unfused byte counts (chapter 6)
+    practice.py  the article's §5.2 program and its fixes, a GPT-2 trained and resumed (chapter 7)
+    applications.py  language models on prose and code, per-token losses (chapter 8)
+    compat.py    DeepSpeed's config keys against ds_lab's schema (chapter 9)
+    scale.py     the scale simulator: memory and step time of 3D layouts on real clusters (chapter 10)
+    advisor.py, failures.py  the config advisor, and failures caused on purpose (chapter 11)
 
 A chapter imports these and never pastes them; a function here is importable, so a spawned rank
 (NCCL on GPUs) finds it too.

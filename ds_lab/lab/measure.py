@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 
 import torch
 
@@ -43,7 +44,9 @@ def tensor_census(dtypes=None, collect=True) -> dict:
     wanted = None if dtypes is None else set(dtypes)
     seen, out = set(), {}
     # torch._C.TensorBase: a plain C type, so isinstance is fast (torch.Tensor's metaclass is not)
-    tensors = [o for o in gc.get_objects() if isinstance(o, torch._C.TensorBase)]
+    with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated reduce_op warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch._C.TensorBase)]
     for t in _storages(tensors):
         if t.is_meta or t.layout != torch.strided or (wanted is not None and t.dtype not in wanted):
             continue

@@ -1,0 +1,1 @@
+"""The browser tests: the course opened in JupyterLab and driven by headless Chromium (opt-in)."""
