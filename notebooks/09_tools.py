@@ -153,8 +153,10 @@ for name, config in {
 # is DeepSpeed's `deepspeed.comm.log_summary()`.
 
 # %%
-def train_hf_gpt2(batches, monitors=False, autotp=1, lr=1e-3):
-    """Runs on every rank: HF GPT-2 under ds_lab's engine; `autotp` ranks share one model (AutoTP)."""
+def train_hf_gpt2(batches, monitors=False, autotp=1, lr=1e-3, save_dir=None):
+    """Runs on every rank: HF GPT-2 under ds_lab's engine; `autotp` ranks share one model (AutoTP).
+    save_dir: rank 0 writes the trained model there with HF's own `save_pretrained`, and returns its
+    logits on the first batch, for transformers to reproduce after `from_pretrained`."""
     rank, world_size = comm.get_rank(), comm.get_world_size()
     torch.manual_seed(0)  # the same weights on every rank
     model = GPT2LMHeadModel(GPT2Config(**HF_MODEL))
@@ -181,14 +183,19 @@ def train_hf_gpt2(batches, monitors=False, autotp=1, lr=1e-3):
     if monitors and rank == 0:
         comm.log_summary()
     layers = sorted({type(m).__name__ for m in engine.module.modules() if "Parallel" in type(m).__name__})
+    logits = None
+    if save_dir is not None and rank == 0:  # stage 0: the module holds the whole trained weights
+        engine.module.save_pretrained(save_dir)
+        with torch.no_grad():
+            logits = engine.module.eval()(input_ids=batches[0]).logits
     return dict(losses=losses, grad_bytes=grad_bytes, summary=comm.summarize(), parallel_layers=layers,
-                local_parameters=sum(p.numel() for p in engine.module.parameters()))
+                local_parameters=sum(p.numel() for p in engine.module.parameters()), logits=logits)
 
 
 # %%
 dash = Dashboard("HF GPT2LMHeadModel under ds_lab, 2 ranks, data parallel",
                  theory={"comm": {"per_step_bytes": 4 * PSI, "label": "ring all-reduce 2(N-1)/N x 4Ψ, N = 2"}})
-hf_two = ds_lab.launch(train_hf_gpt2, 2, batches, monitors=True, dashboard=dash)
+hf_two = ds_lab.launch(train_hf_gpt2, 2, batches, monitors=True, save_dir=str(OUTPUT / "hf_gpt2"), dashboard=dash)
 
 # %% [markdown]
 # The same model on one process, with the whole global batch, is the reference (chapter 2's
@@ -200,6 +207,18 @@ hf_two_losses = [statistics.fmean(r["losses"][step] for r in hf_two) for step in
 print(f"{'step':>4}{'1 process':>12}{'2 ranks':>12}")
 for step in range(STEPS):
     print(f"{step:>4}{hf_one['losses'][step]:>12.6f}{hf_two_losses[step]:>12.6f}")
+
+# %% [markdown]
+# And back: rank 0 saved the trained model with HF's own `save_pretrained` (ds_lab trained the
+# module in place, so it is still a `GPT2LMHeadModel`). `transformers` loads it as any other
+# checkpoint, and gives the trained model's logits:
+
+# %%
+reloaded = GPT2LMHeadModel.from_pretrained(OUTPUT / "hf_gpt2").eval()
+with torch.no_grad():
+    reloaded_logits = reloaded(input_ids=batches[0]).logits
+reload_diff = (reloaded_logits - hf_two[0]["logits"]).abs().max().item()
+print(f"from_pretrained({(OUTPUT / 'hf_gpt2').name}): largest logit difference from the trained model {reload_diff:.1e}")
 
 # %% [markdown]
 # ### 3. Megatron-LM's layers in ds_lab
@@ -311,6 +330,8 @@ assert "offload_optimizer" in refusals["offload"] and "does not support" in refu
 assert "Hugging Face Trainer placeholder" in refusals["auto"]
 assert "did you mean 'zero_optimization'" in refusals["typo"]
 print("config table: complete, consistent with the parser, committed file up to date")
+# The model ds_lab trained loads back into transformers unchanged
+assert reload_diff < 1e-5, reload_diff
 
 # %%
 # The HF model trains under ds_lab: the loss falls, and 2 data-parallel ranks match one process
