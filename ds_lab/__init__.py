@@ -119,4 +119,7 @@ def __getattr__(name):
     if name == "pipe":
         import ds_lab.pipe
         return ds_lab.pipe
+    if name == "utils":  # deepspeed.utils.safe_get_full_fp32_param and friends
+        import ds_lab.utils
+        return ds_lab.utils
     raise AttributeError(f"module 'ds_lab' has no attribute {name!r}")

@@ -257,15 +257,22 @@ runs[3] = ds_lab.launch(zero_train, WORLD, config(3), batches, MODEL, dashboard=
 # the engine. So the line fails
 # with an `AttributeError`; we print what happened below. The call the article probably meant, `zero.Init(module=model)`, exists in
 # DeepSpeed. There it converts an *already built* model to partitioned parameters, which is what
-# DeepSpeed's stage-3 engine does by itself anyway, and it saves nothing, because the whole model
-# has already been built on every rank. ds_lab refuses it and says what to write instead:
+# DeepSpeed's stage-3 engine does by itself anyway, and it saves no peak memory, because the whole
+# model has already been built on every rank. ds_lab does the same: on 2 ranks, a GPT built first
+# and converted afterwards keeps only its chunks.
 
 # %%
-try:
-    ds_lab.zero.Init(module=GPT(GPTConfig(**MODEL)))
-except TypeError as err:
-    init_error = str(err)
-    print(f"TypeError: {err}")
+def convert_a_built_model():
+    model = GPT(GPTConfig(**MODEL))            # built whole on every rank: the peak is already paid
+    whole = sum(p.numel() for p in model.parameters())
+    ds_lab.zero.Init(module=model)             # then partitioned, as if built inside the context
+    return whole, sum(p.numel() for p in model.parameters()), sum(torch.Size(p.ds_shape).numel() for p in model.parameters())
+
+
+converted = ds_lab.launch(convert_a_built_model, 2)
+for rank, (whole, left, shapes) in enumerate(converted):
+    print(f"rank {rank}: {whole:,} elements built whole, {left:,} left in the module after Init(module=...), "
+          f"{shapes:,} described by ds_shape")
 
 # %% [markdown]
 # The right way: build the model *inside* the context, before `initialize`:
@@ -631,7 +638,7 @@ assert all(r["gathered_by_first_module"] == [first] * STEPS for r in init_run)
 assert all(r["gathered_by_first_module"] == [first] + [2 * PSI_PADDED[3]] * (STEPS - 1) for r in runs[3])
 # the article's call fails; ds_lab's refusal names the right usage
 assert init_run[0]["article_call"].startswith("AttributeError")
-assert "Build the model inside" in init_error
+assert all(whole == shapes == PSI and left == 0 for whole, left, shapes in converted)  # Init(module=) partitions
 # GatheredParameters(modifier_rank=0): rank 0's change reaches every rank and the fp32 master;
 # a change made without modifier_rank is dropped
 for r in gathered:

@@ -136,12 +136,6 @@ def test_gathered_parameters_with_modifier_rank_broadcasts_and_repartitions():
         assert torch.all(r["value"] == 0.5)
 
 
-def test_zero_init_on_an_existing_model_is_refused_with_the_right_usage():
-    from ds_lab.zero import Init
-    with pytest.raises(TypeError, match="Build the model inside"):
-        Init(module=torch.nn.Linear(2, 2))
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 def test_checkpoint_saved_at_4_ranks_resumes_at_2_and_3_with_the_same_losses(stage, tmp_path):
     steps = workers.make_batches(4, GLOBAL_BATCH, workers.TINY["block_size"], seed=9)

@@ -79,6 +79,8 @@ class DeepSpeedEngine(torch.nn.Module):
         self.mode.attach()
         self.mode.optimizer = self.optimizer
         object.__setattr__(model, "_ds_lab_mode", self.mode)  # a later engine on this model detaches it
+        for p in model.parameters():  # ds_lab.utils' safe_* functions find a parameter's mode here
+            p._ds_lab_mode = self.mode
         self.loss_scaler = make_loss_scaler(config.fp16, **self.mode.loss_scaler_options)
         self.lr_scheduler = self._configure_scheduler(lr_scheduler)
         self.training_dataloader = self._dataloader(training_data, collate_fn) if training_data is not None else None

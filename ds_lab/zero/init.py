@@ -10,9 +10,11 @@
 (so every rank agrees whatever its random state), and each rank keeps chunk r of the padded flat
 vector; `param.data` becomes an empty tensor. The engine (stage 3) later turns these into its units.
 
-Note: `Init` must wrap the model's construction. Calling it on a model that already exists (as in
-`engine.zero.Init(module=model)` after `initialize`) is too late: the whole model was already
-built in memory, which is what Init exists to prevent.
+A model that already exists can be partitioned the same way, as in DeepSpeed:
+`ds_lab.zero.Init(module=model)` partitions every module's own parameters as if the model had been
+built inside the context (children before their parent, as their `__init__`s return), so training
+afterwards is the same. It saves no peak memory: the whole model already exists on every rank,
+which is what building inside the context avoids.
 
     with ds_lab.zero.GatheredParameters(model.lm_head.weight, modifier_rank=0):
         if rank == 0:
@@ -82,6 +84,17 @@ def _partition_module(module, group, dtype=None) -> None:
     Init.peak_bytes = max(Init.peak_bytes, flat.numel() * flat.element_size())
 
 
+def _partition_built(module, group, dtype, seen: set) -> None:
+    """Init(module=model): partition `module`'s tree in the order construction inside the context
+    would have: each child (in registration order) before its parent; a module or parameter shared
+    by two parents is partitioned once, by the first."""
+    for child in module.children():
+        if id(child) not in seen:
+            seen.add(id(child))
+            _partition_built(child, group, dtype, seen)
+    _partition_module(module, group, dtype)
+
+
 _DTYPES = (torch.half, torch.bfloat16, torch.float)
 
 
@@ -129,7 +142,8 @@ class Init:
     converted to it: torch.half, torch.bfloat16 or torch.float), config_dict_or_path (or the
     deprecated config; its fp16/bf16 section picks the dtype when dtype is not given; mpu gives its
     data-parallel size), remote_device None/"none"/"cpu" (parameters stay where the module makes
-    them). Refused with a message: module, pin_memory=True, remote_device="nvme", ZeRO++
+    them), module (an already built model: partitioned at once, as if built in the context).
+    Refused with a message: pin_memory=True, remote_device="nvme", ZeRO++
     (zero_param_parallel_group, zero_quantized_weights, zero_quantized_nontrainable_weights),
     param_swapper, tensor_overrides. mem_efficient_linear has nothing to switch in ds_lab (it never
     replaces torch.nn.functional.linear), so passing it warns.
@@ -145,10 +159,6 @@ class Init:
                  zero_param_parallel_group=None, zero_quantized_weights=False,
                  zero_quantized_nontrainable_weights=False, sequence_data_parallel_group=None, param_swapper=None,
                  tensor_overrides=None):
-        if module is not None:
-            raise TypeError("ds_lab's zero.Init does not take module=: converting a model that already "
-                            "exists saves nothing, the whole model is in memory by then (stage 3 partitions "
-                            "it anyway in initialize()). Build the model inside `with ds_lab.zero.Init():`")
         _refuse_unsupported(remote_device=remote_device, pin_memory=pin_memory,
                             zero_param_parallel_group=zero_param_parallel_group,
                             zero_quantized_weights=zero_quantized_weights,
@@ -173,6 +183,9 @@ class Init:
             config_dict_or_path = config
         self.group, self.enabled, self.patched = data_parallel_group, enabled, []
         self.dtype = _resolve_dtype(dtype, config_dict_or_path, mpu, data_parallel_group)
+        if module is not None and enabled:
+            comm.init_distributed()
+            _partition_built(module, data_parallel_group, self.dtype, seen={id(module)})
 
     def __enter__(self):
         if not self.enabled:
