@@ -258,21 +258,8 @@ runs[3] = ds_lab.launch(zero_train, WORLD, config(3), batches, MODEL, dashboard=
 # with an `AttributeError`; we print what happened below. The call the article probably meant, `zero.Init(module=model)`, exists in
 # DeepSpeed. There it converts an *already built* model to partitioned parameters, which is what
 # DeepSpeed's stage-3 engine does by itself anyway, and it saves no peak memory, because the whole
-# model has already been built on every rank. ds_lab does the same: on 2 ranks, a GPT built first
-# and converted afterwards keeps only its chunks.
-
-# %%
-def convert_a_built_model():
-    model = GPT(GPTConfig(**MODEL))            # built whole on every rank: the peak is already paid
-    whole = sum(p.numel() for p in model.parameters())
-    ds_lab.zero.Init(module=model)             # then partitioned, as if built inside the context
-    return whole, sum(p.numel() for p in model.parameters()), sum(torch.Size(p.ds_shape).numel() for p in model.parameters())
-
-
-converted = ds_lab.launch(convert_a_built_model, 2)
-for rank, (whole, left, shapes) in enumerate(converted):
-    print(f"rank {rank}: {whole:,} elements built whole, {left:,} left in the module after Init(module=...), "
-          f"{shapes:,} described by ds_shape")
+# model has already been built on every rank. ds_lab does the same (a GPT built first and
+# converted afterwards keeps only its chunks: shown after the measurements below).
 
 # %% [markdown]
 # The right way: build the model *inside* the context, before `initialize`:
@@ -324,6 +311,20 @@ print(f"all-gathered before the first module had run (last step): prefetch off "
       f"{r3_init['gathered_by_first_module'][-1]:,} bytes, default prefetch {r3['gathered_by_first_module'][-1]:,}"
       f" (the whole model, 2Ψ = {2 * PSI:,})")
 print(f"\nthe article's `engine.zero.Init(module=model)` after initialize: {r3_init['article_call']}")
+
+
+# %%
+def convert_a_built_model():
+    model = GPT(GPTConfig(**MODEL))            # built whole on every rank: the peak is already paid
+    whole = sum(p.numel() for p in model.parameters())
+    ds_lab.zero.Init(module=model)             # then partitioned, as if built inside the context
+    return whole, sum(p.numel() for p in model.parameters()), sum(torch.Size(p.ds_shape).numel() for p in model.parameters())
+
+
+converted = ds_lab.launch(convert_a_built_model, 2)
+for rank, (whole, left, shapes) in enumerate(converted):
+    print(f"rank {rank}: {whole:,} elements built whole, {left:,} left in the module after Init(module=...), "
+          f"{shapes:,} described by ds_shape")
 
 
 # %% [markdown]
