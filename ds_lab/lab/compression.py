@@ -14,7 +14,7 @@ import torch
 
 import ds_lab
 from ds_lab import comm
-from ds_lab.comm.compressed import compressed_allreduce, padded_length
+from ds_lab.comm.compressed import compressed_allreduce, padded_length, wire_bytes
 from ds_lab.lab.workers import rows_of
 from ds_lab.models import GPT, GPTConfig
 
@@ -123,8 +123,8 @@ def step_wire(result) -> list:
 
 def onebit_step_ratio(sizes, world: int) -> float:
     """Wire bytes of one compressed step over one fp32 gradient all-reduce step, for tensors of
-    `sizes` elements: sum((P_i/4 + 8N)) / sum(8 n_i), the (N-1)/N factors cancelling."""
-    return sum(padded_length(n, world) / 4 + 8 * world for n in sizes) / sum(8 * n for n in sizes)
+    `sizes` elements (`compressed.wire_bytes` per tensor against the ring's 2(N-1)/N * 4n)."""
+    return sum(wire_bytes(n, world) for n in sizes) / sum(2 * (world - 1) / world * 4 * n for n in sizes)
 
 
 def whole_run_reduction(warmup_fraction: float, compressed_ratio: float) -> float:

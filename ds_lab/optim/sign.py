@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ds_lab import comm
-from ds_lab.comm.compressed import padded_length, sign_majority_vote_many, signs
+from ds_lab.comm.compressed import sign_majority_vote_many, signs
 from ds_lab.optim.adam import run_closure
 
 
@@ -100,9 +100,4 @@ class SignSGD(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(vote, alpha=-group["lr"])
         return loss
-
-
-def sign_sgd_wire_bytes(n: int, world_size: int) -> float:
-    """Bytes one rank sends per step for a tensor of n elements: (N-1)/N * P/4 (P: padded length)."""
-    return 0.0 if world_size == 1 else (world_size - 1) / world_size * padded_length(n, world_size) / 4
 
