@@ -8,49 +8,53 @@ runs `fn` on real processes from a notebook cell or a script.
 """
 from __future__ import annotations
 
+import os
 
 from ds_lab import comm
+from ds_lab.arguments import add_config_arguments, config_from_args
 from ds_lab.comm import init_distributed
 from ds_lab.config import ConfigError, DeepSpeedConfig, check_client_optimizer, check_client_scheduler
 from ds_lab.launch import RankError, launch
+from ds_lab.runtime import utils as _runtime_utils  # noqa: F401  deepspeed.runtime.utils after `import deepspeed`
 
 __version__ = "0.1.0"
 
 __all__ = ["initialize", "tp_model_init", "init_distributed", "launch", "comm", "ConfigError", "RankError",
-           "DeepSpeedConfig", "DeepSpeedEngine", "__version__"]
+           "DeepSpeedConfig", "DeepSpeedEngine", "add_config_arguments", "__version__"]
 
 
-def _config_from(args, config, config_params):
-    if config is None:
-        config = config_params
-    arg_config = getattr(args, "deepspeed_config", None) if args is not None else None
-    if arg_config is not None and config is not None:
-        raise ConfigError("config given twice: as args.deepspeed_config and as config=; keep one")
-    config = config if config is not None else arg_config
-    if config is None:
-        raise ConfigError("no config: pass config= (a dict or a JSON path), or args with "
-                          "args.deepspeed_config")
-    return config
+TORCH_DISTRIBUTED_DEFAULT_PORT = 29500  # DeepSpeed's constant (deepspeed/constants.py)
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-               lr_scheduler=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
-               config_params=None):
+               lr_scheduler=None, distributed_port=TORCH_DISTRIBUTED_DEFAULT_PORT, mpu=None,
+               dist_init_required=None, collate_fn=None, config=None, mesh_param=None, config_params=None):
     """DeepSpeed's `deepspeed.initialize`: returns (engine, optimizer, training_dataloader, lr_scheduler).
 
-    Works inside a `ds_lab.launch`ed rank, under torchrun, and in a lone process (which becomes a
-    world of size 1).
+    The signature and positional order are DeepSpeed 0.19.8's. Works inside a `ds_lab.launch`ed rank,
+    under torchrun, and in a lone process (which becomes a world of size 1).
+    The config comes from `config` (or the legacy `config_params`) or `args.deepspeed_config` (or the
+    deprecated `args.deepscale_config`), never two of them (`ds_lab.arguments.config_from_args`).
+    `distributed_port`: used only when ds_lab itself initialises torch.distributed from an environment
+    that names the ranks (RANK set) but no MASTER_PORT; it becomes MASTER_PORT, as in DeepSpeed.
+    `mesh_param`: DeepSpeed's (data parallel, sequence parallel) mesh; ds_lab has no sequence
+    parallelism, so anything but None is refused.
     """
     from ds_lab.comm.topology import set_grid
-    from ds_lab.modes import mode_builder
+    from ds_lab.modes import check_zero_optimizer, mode_builder
     from ds_lab.parallel.autotp import apply_autotp
     from ds_lab.runtime.engine import DeepSpeedEngine
 
     if model is None:
         raise ValueError("initialize() needs model=")
+    if mesh_param is not None:
+        raise ConfigError(f"initialize(mesh_param={mesh_param!r}): DeepSpeed's (data_parallel, sequence_parallel) "
+                          "mesh needs sequence parallelism, which ds_lab does not have; pass mesh_param=None")
+    raw = config_from_args(args, config, config_params)
     if dist_init_required is not False:
+        if "RANK" in os.environ and "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(distributed_port)
         init_distributed()
-    raw = _config_from(args, config, config_params)
     pipeline = _pipeline_module(model)
     grid = _grid_for(model, pipeline, mpu, raw)
     # the batch rule is micro x accumulation x data-parallel degree (tensor and pipe ranks share data)
@@ -65,6 +69,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     engine = (pipeline or DeepSpeedEngine)(model, ds_config, grid, mode_builder(ds_config), optimizer=optimizer,
                                            model_parameters=model_parameters, lr_scheduler=lr_scheduler,
                                            training_data=training_data, collate_fn=collate_fn, mpu=mpu)
+    check_zero_optimizer(ds_config, engine.optimizer)  # DeepSpeed's untested-optimizer rule, as a warning
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 
@@ -109,6 +114,11 @@ def tp_model_init(model, tp_size, dtype=None, config=None, **kwargs):
     return shard(model, tp_size, dtype=dtype, config=config, **kwargs)
 
 
+# submodules a DeepSpeed script reaches as attributes after `import deepspeed`, loaded on first use
+_LAZY_MODULES = ("utils", "accelerator", "runtime", "moe", "ops", "optim", "arguments", "checkpointing",
+                 "profiling")
+
+
 def __getattr__(name):
     if name == "DeepSpeedEngine":
         from ds_lab.runtime.engine import DeepSpeedEngine
@@ -119,7 +129,7 @@ def __getattr__(name):
     if name == "pipe":
         import ds_lab.pipe
         return ds_lab.pipe
-    if name == "utils":  # deepspeed.utils.safe_get_full_fp32_param and friends
-        import ds_lab.utils
-        return ds_lab.utils
+    if name in _LAZY_MODULES:  # deepspeed.utils, deepspeed.accelerator, deepspeed.runtime.utils, ...
+        import importlib
+        return importlib.import_module(f"ds_lab.{name}")
     raise AttributeError(f"module 'ds_lab' has no attribute {name!r}")

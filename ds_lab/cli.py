@@ -5,11 +5,14 @@
     ds-lab train --config my_ds_config.json        # any DeepSpeed-style JSON config
     ds-lab estimate --params 7.5e9 --world-size 64 # ZeRO's per-rank model-state memory, no training
     ds-lab estimate --params 7.5e9 --world-size 8 --gpu-memory 80e9   # ... and what fits on an 80 GB GPU
+    ds-lab run --num_procs 2 my_script.py --deepspeed_config ds.json  # DeepSpeed's `deepspeed` launcher
 
 `train` starts real processes, trains the small GPT on the shipped corpus with a tqdm progress bar
 (loss, tokens/s; on stderr, one line every 10 s when it is not a terminal), then prints each rank's
 memory ledger and the comm summary of rank 0.
 `estimate` prints the ZeRO paper's arithmetic (ds_lab.zero.estimate) for the four stages.
+`run` starts any script on N processes (or across hosts with a hostfile) as `deepspeed` does: its
+options are DeepSpeed's (`ds-lab run --help`; the logic is in ds_lab/runner.py).
 """
 from __future__ import annotations
 
@@ -136,8 +139,14 @@ def _zero_to_fp32(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # everything after `run` is the launcher's and the script's, untouched
+        from ds_lab import runner
+        return runner.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ds-lab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="launch a script on N processes or several hosts (DeepSpeed's launcher; "
+                   "ds-lab run --help)", add_help=False)
     train = sub.add_parser("train", help="train the small GPT on the shipped corpus across N processes")
     train.add_argument("--world-size", type=int, default=2)
     train.add_argument("--steps", type=int, default=200)

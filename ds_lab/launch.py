@@ -3,11 +3,11 @@
     results = ds_lab.launch(train, 4, steps=10)     # -> [rank0_result, ..., rank3_result]
 
 How it works
-- The parent asks the OS for a free loopback port and starts `world_size` child processes.
-  Rank 0 hosts the rendezvous store on that port; each child joins the process group through it
-  (gloo on CPU; NCCL when every rank can have its own GPU), runs
-  `fn(*args, **kwargs)`, and sends back its result, its prints, its events, or its traceback, over
-  its own pipe.
+- The parent starts `world_size` child processes, each with its own pipe. Rank 0 hosts the
+  rendezvous store on a port the OS picks as it binds, and sends it up its pipe; the parent
+  forwards it to the others (no port is chosen and released first, for another program to take).
+  Each child joins the process group (gloo on CPU; NCCL when every rank can have its own GPU),
+  runs `fn(*args, **kwargs)`, and sends back its result, prints, events or traceback.
 - Children are *forked* on CPU, so a function defined in a notebook cell just works (nothing has
   to be pickled). GNU OpenMP is not fork-safe: a child that inherits a parent which already ran
   multi-threaded torch ops and then starts a parallel region hangs. So each forked child runs
@@ -15,10 +15,14 @@ How it works
   cores. With NCCL the children are spawned (CUDA cannot be forked), and `fn` is pickled with
   cloudpickle when it is installed.
 - A rank that raises makes `launch` raise `RankError` here, with that rank's traceback; the other
-  ranks are stopped at once. A rank that dies without a word (a crash, a kill) is reported too.
-  A collective that waits longer than `timeout` seconds raises in its rank, naming the rank and
-  the op (see `ds_lab.comm.CollectiveTimeoutError`). Nothing is left running: every exit path
-  terminates, joins and closes.
+  ranks are stopped at once. A rank that dies without a word (a crash, a kill, NCCL's watchdog's
+  SIGABRT) is a `RankError` naming the signal, with the rank's last output, C++'s fd 2 included.
+  A collective that waits longer than `timeout` seconds raises in its rank, naming the rank, the
+  op and the timeout (see `ds_lab.comm.CollectiveTimeoutError`).
+- Nothing is left running: every exit path terminates, joins and closes, and the children die
+  with the parent even when it is killed outright (a notebook kernel killed or restarted): see
+  `runner.die_with_parent`. The parent never initialises CUDA (a parent that has touched CUDA
+  cannot fork children that use it): `runner.gpu_count` asks NVML, or a throw-away subprocess.
 - When the parent watches (`on_event`/`dashboard`), the ranks run at nice +5: on a laptop whose
   cores the ranks share with the notebook, the live dashboard gets the CPU first and keeps
   redrawing (set DS_LAB_NICE_RANKS=0 to keep equal priority).
@@ -32,13 +36,15 @@ How it works
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
-import socket
+import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -48,8 +54,9 @@ import torch
 
 from ds_lab import comm
 from ds_lab.monitor import events
+from ds_lab.runner import die_with_parent, gpu_count
 
-__all__ = ["launch", "RankError", "current_channel"]
+__all__ = ["launch", "RankError", "current_channel", "die_with_parent"]
 
 
 class RankError(RuntimeError):
@@ -111,13 +118,26 @@ class _Forward:
         return False
 
 
-def _child(rank, world_size, port, backend, timeout, conn, payload, threads, forked, want_events, per_node):
+def _await_port(conn, timeout: float) -> int:
+    """A rank > 0 waits for rank 0's store port, forwarded by the parent down this pipe."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"no rendezvous port from rank 0 within {timeout:g} s (rank 0 failed to start?)")
+    return pickle.loads(conn.recv_bytes())
+
+
+def _child(rank, world_size, backend, timeout, conn, payload, threads, forked, want_events, per_node,
+           parent_pid, fd2_path):
     global _channel
+    die_with_parent(parent_pid)
+    if fd2_path:  # C++ output (NCCL/gloo messages, an abort's last words) to a file the parent tails
+        fd = os.open(fd2_path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(fd, 2)
+        os.close(fd)
     _channel = _Channel(conn, rank)
     sys.stdout, sys.stderr = _Forward(_channel, "stdout"), _Forward(_channel, "stderr")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % per_node),
                       LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(rank // per_node),
-                      NODE_RANK=str(rank // per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      NODE_RANK=str(rank // per_node), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(threads)
     if want_events and os.environ.get("DS_LAB_NICE_RANKS", "1") == "1":
         os.nice(5)  # a live dashboard in the parent gets the CPU first when ranks share its cores
@@ -128,8 +148,16 @@ def _child(rank, world_size, port, backend, timeout, conn, payload, threads, for
             comm.forget_inherited()  # drop this process's copy (never shut down: the parent owns it)
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        # rank 0 hosts the rendezvous store: the parent runs no store thread across the fork
-        store = comm.tcp_store("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timeout)
+        # rank 0 hosts the rendezvous store (the parent runs no store thread across the fork) on a
+        # port the OS picks as it binds; the parent forwards it to the others
+        if rank == 0:
+            store = comm.tcp_store("127.0.0.1", 0, world_size, is_master=True, timeout=timeout)
+            port = store.port
+            _channel.send("port", port)
+        else:
+            port = _await_port(conn, timeout)
+            store = comm.tcp_store("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+        os.environ["MASTER_PORT"] = str(port)
         comm.init_distributed(backend, timeout=timeout, rank=rank, world_size=world_size, store=store)
         if want_events:
             events.start(_channel)
@@ -166,9 +194,7 @@ def _loads_fn(payload: bytes):
 # ---- the parent side ------------------------------------------------------------------------
 
 def _default_backend(world_size: int) -> str:
-    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
-        return "nccl"
-    return "gloo"
+    return "nccl" if gpu_count() >= world_size else "gloo"
 
 
 def _run_in_place(fn, world_size, args, kwargs, backend, timeout, ranks_per_node=None):
@@ -190,13 +216,14 @@ def _run_in_place(fn, world_size, args, kwargs, backend, timeout, ranks_per_node
 
 
 def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str] = None,
-           timeout: float = 120.0, on_event: Optional[Callable] = None, dashboard=None,
+           timeout: Optional[float] = None, on_event: Optional[Callable] = None, dashboard=None,
            start_method: Optional[str] = None, deadline: Optional[float] = None,
            ranks_per_node: Optional[int] = None, **kwargs) -> list:
     """Run `fn(*args, **kwargs)` on `world_size` ranks; return their results in rank order.
 
     backend: "gloo" or "nccl" (default: NCCL when there is a GPU per rank, else gloo).
-    timeout: seconds a collective may wait before it fails (and names itself).
+    timeout: seconds a collective may wait before it fails (and names itself); default 120, or
+        DS_LAB_COLLECTIVE_TIMEOUT when set.
     on_event: called as `on_event(rank, kind, payload)` for each event a rank publishes while it
         runs (see `ds_lab.monitor.events`).
     dashboard: a `ds_lab.monitor.Dashboard`, fed every event live; `dashboard.finish()` at the end.
@@ -204,6 +231,8 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
     ranks_per_node: simulate nodes of this many ranks (LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK as
         torchrun sets them; must divide world_size). None: one node.
     """
+    if timeout is None:
+        timeout = comm.default_timeout() if os.environ.get("DS_LAB_COLLECTIVE_TIMEOUT") else 120.0
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _run_in_place(fn, world_size, args, kwargs, backend, timeout, ranks_per_node)
     if dashboard is not None:
@@ -232,35 +261,73 @@ def launch(fn: Callable, world_size: Optional[int], *args, backend: Optional[str
     payload = (fn, args, kwargs) if forked else _dumps_fn(fn, args, kwargs)
     threads = 1 if forked else max(1, (os.cpu_count() or 1) // world_size)
 
-    port = _free_port()
     procs, conns = [], {}
-    try:
-        for rank in range(world_size):
-            reader, writer = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, name=f"ds_lab-rank{rank}", daemon=True,
-                            args=(rank, world_size, port, backend, timeout, writer, payload,
-                                  threads, forked, on_event is not None, per_node))
-            p.start()
-            writer.close()  # the parent keeps only the reading end: EOF means the child is gone
-            procs.append(p)
-            conns[reader] = rank
-        return _collect(procs, conns, on_event, deadline)
-    finally:
-        _stop(procs)
-        for c in conns:
-            c.close()
+    with tempfile.TemporaryDirectory(prefix="ds_lab-launch-") as folder:
+        fd2 = [_Fd2(os.path.join(folder, f"rank{rank}.fd2")) for rank in range(world_size)]
+        try:
+            for rank in range(world_size):
+                mine, theirs = ctx.Pipe(duplex=True)  # up: results, prints; down: the store's port
+                p = ctx.Process(target=_child, name=f"ds_lab-rank{rank}", daemon=True,
+                                args=(rank, world_size, backend, timeout, theirs, payload, threads, forked,
+                                      on_event is not None, per_node, os.getpid(), fd2[rank].path))
+                p.start()
+                theirs.close()  # the parent keeps only its end: EOF means the child is gone
+                procs.append(p)
+                conns[mine] = rank
+            return _collect(procs, conns, on_event, deadline, fd2)
+        finally:
+            _stop(procs)
+            for c in conns:
+                c.close()
+            for f in fd2:
+                f.pump()
 
 
-def _free_port() -> int:
-    """A loopback port nobody listens on now (the OS picks it), for rank 0's store."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class _Fd2:
+    """A rank's file descriptor 2, as a file: copied to ours as it grows; its tail kept for errors."""
+
+    def __init__(self, path: str):
+        self.path, self.offset = path, 0
+        self.tail = collections.deque(maxlen=10)
+        open(path, "wb").close()
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        if data:
+            self.offset += len(data)
+            os.write(2, data)  # where the rank's fd 2 went before: our own fd 2
+            self.tail.extend(data.decode(errors="replace").splitlines())
 
 
-def _collect(procs, conns, on_event, deadline) -> list:
+def _silent_death(rank, proc, last_lines, fd2) -> str:
+    """What we know of a rank that exited without a result or a traceback: signal, last words."""
+    code = proc.exitcode
+    how = f"exit code {code}"
+    if code is not None and code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            pass
+    hint = (" NCCL aborts a rank this way when a collective times out or another rank failed"
+            if code == -int(signal.SIGABRT) else "")
+    text = f"rank {rank} exited ({how}) without a result or a traceback: it crashed or was killed.{hint}\n"
+    if fd2 is not None:
+        fd2.pump()
+    lines = list(last_lines) + (list(fd2.tail) if fd2 is not None else [])
+    if lines:
+        text += "its last output:\n" + "\n".join("    " + line for line in lines) + "\n"
+    return text
+
+
+def _collect(procs, conns, on_event, deadline, fd2=None) -> list:
     world_size = len(procs)
     results, finished, errors = [None] * world_size, set(), {}
+    last_lines = [collections.deque(maxlen=10) for _ in range(world_size)]
     open_conns = dict(conns)
     t_end = None if deadline is None else time.monotonic() + deadline
     while len(finished) < world_size and not errors:
@@ -272,22 +339,31 @@ def _collect(procs, conns, on_event, deadline) -> list:
                 del open_conns[conn]
                 if rank not in finished and rank not in errors:
                     procs[rank].join(timeout=5)
-                    errors[rank] = (f"rank {rank} exited (code {procs[rank].exitcode}) without a result "
-                                    f"or a traceback: it crashed or was killed\n")
+                    errors[rank] = _silent_death(rank, procs[rank], last_lines[rank], fd2 and fd2[rank])
                 continue
             if kind == "result":
                 results[rank] = payload
                 finished.add(rank)
             elif kind == "error":
                 errors[rank] = payload
+            elif kind == "port":  # rank 0's store is up: tell the others where
+                for other, r in conns.items():
+                    if r != rank:
+                        try:
+                            other.send_bytes(pickle.dumps(payload))
+                        except OSError:
+                            pass  # that rank is gone; its EOF reports it
             elif kind in ("stdout", "stderr"):
                 stream = sys.stdout if kind == "stdout" else sys.stderr
+                last_lines[rank].extend(payload.splitlines())
                 stream.write(payload)
                 if not payload.endswith("\n"):
                     stream.flush()  # a progress bar's "\r" line: show it now
             elif kind == "events" and on_event is not None:
                 for event_kind, event in payload:
                     on_event(rank, event_kind, event)
+        for f in fd2 or ():
+            f.pump()
         if t_end is not None and time.monotonic() > t_end and not errors:
             errors[-1] = f"the job ran past its deadline of {deadline} s and was stopped\n"
     if errors:

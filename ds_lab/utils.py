@@ -23,6 +23,9 @@ parameter's fp32 value or its fp32 master.
 
 How a parameter finds its engine: ZeRO-3 parameters carry `ds_zero`; the engine marks every
 parameter of its model with its mode (`_ds_lab_mode`).
+
+Also here, as in `deepspeed.utils`: `RepeatingLoader(loader)`, an endless iterator over a loader
+that starts it again at its end (deepspeed/runtime/dataloader.py).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch
 from ds_lab import comm
 
 __all__ = ["safe_get_full_fp32_param", "safe_set_full_fp32_param", "safe_get_full_optimizer_state",
-           "safe_set_full_optimizer_state", "safe_get_full_grad"]
+           "safe_set_full_optimizer_state", "safe_get_full_grad", "RepeatingLoader"]
 
 def _mode_of(param):
     """The engine's mode (runtime/mode.py) that trains `param`, or None: ZeRO-3 marks its
@@ -166,3 +169,23 @@ def safe_get_full_grad(param):
         with comm.tag("safe_get_full"):
             comm.all_reduce(whole, group=mode.dp_group)
     return whole.view(shape)
+
+
+class RepeatingLoader:
+    """Iterate `loader` forever: at its end (StopIteration) start a fresh pass with `iter(loader)`,
+    so a DataLoader reshuffles (and a DistributedSampler needs `set_epoch` from you, as in DeepSpeed).
+    The first iterator is made at construction, as DeepSpeed does. An empty loader raises StopIteration."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.data_iter = iter(self.loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.data_iter)
+        except StopIteration:
+            self.data_iter = iter(self.loader)
+            return next(self.data_iter)

@@ -252,10 +252,10 @@ runs[3] = ds_lab.launch(zero_train, WORLD, config(3), batches, MODEL, dashboard=
 # engine.zero.Init(module=model)      # article §3.1
 # ```
 #
-# `engine.zero` is not the `zero` package. In ds_lab it is the engine's ZeRO optimizer, or
-# `None` without ZeRO. In DeepSpeed, `zero` is the package `deepspeed.zero`, not an attribute of
-# the engine. So the line fails
-# with an `AttributeError`; we print what happened below. The call the article probably meant, `zero.Init(module=model)`, exists in
+# `engine.zero` does not exist. In DeepSpeed, `zero` is the package `deepspeed.zero`, not an
+# attribute of the engine, so the line fails with `AttributeError: 'DeepSpeedEngine' object has no
+# attribute 'zero'`, and ds_lab fails the same way (its ZeRO optimizer is `engine.zero_optimizer`);
+# we print what happened below. The call the article probably meant, `zero.Init(module=model)`, exists in
 # DeepSpeed. There it converts an *already built* model to partitioned parameters, which is what
 # DeepSpeed's stage-3 engine does by itself anyway, and it saves no peak memory, because the whole
 # model has already been built on every rank. ds_lab does the same (a GPT built first and
@@ -368,7 +368,7 @@ def gathered_parameters_demo():
                 weight[1].fill_(1.0)
     with GatheredParameters(weight):
         out["row1_after"] = weight[1].float().clone()
-    out["master_row0"] = engine.zero.full_state_dict()["lm_head.weight"][0]  # the fp32 master followed
+    out["master_row0"] = engine.zero_optimizer.full_state_dict()["lm_head.weight"][0]  # the fp32 master followed
     out["after"] = tuple(weight.shape)
     return out
 
@@ -480,16 +480,25 @@ print(f"  all-gather {by_tag['param_allgather']:,.0f} B = 2 x (N-1)/N x 2Ψ,   "
 # ### Same losses at every stage
 #
 # Partitioning changes *where* the states live, not the arithmetic. Every stage trains on the
-# same global batches from the same weights, so the losses should match stage 0's. The losses
-# above are bf16 numbers (8 significant bits), which can only tell us so much:
+# same global batches from the same weights, so the losses should match. The losses above are
+# bf16 numbers (8 significant bits), which can only tell us so much.
+#
+# In bf16 we compare the ZeRO stages with each other, not with stage 0, and that is DeepSpeed's
+# doing: its stage-0 mixed-precision optimizer runs one Adam step with zero gradients when it is
+# built (`FP16_Optimizer.initialize_optimizer_states` in `deepspeed/runtime/fp16/fused_optimizer.py`),
+# so its step counter, and with it Adam's bias correction, runs one step ahead of ZeRO's (whose
+# `initialize_optimizer_states` takes no step). ds_lab does the same, so that a DeepSpeed script gives
+# DeepSpeed's losses bit for bit (`tests/test_examples.py`). Stage 0 meets the others in fp32 below,
+# where neither takes that step.
 
 # %%
 bf16_losses = {stage: global_losses(results) for stage, results in runs.items()}
-bf16_diff = {stage: max(abs(a - b) / abs(b) for a, b in zip(bf16_losses[stage], bf16_losses[0]))
-             for stage in runs}
+bf16_diff = {stage: max(abs(a - b) / abs(b) for a, b in zip(bf16_losses[stage], bf16_losses[1]))
+             for stage in runs if stage > 0}
 for stage in runs:
-    print(f"stage {stage}: losses {[round(x, 4) for x in bf16_losses[stage]]}   "
-          f"max relative difference to stage 0: {bf16_diff[stage]:.1e}")
+    print(f"stage {stage}: losses {[round(x, 4) for x in bf16_losses[stage]]}   " +
+          (f"max relative difference to stage 1: {bf16_diff[stage]:.1e}" if stage > 0 else
+           "(Adam's step counter one ahead: DeepSpeed's stage-0 initial step)"))
 print(f"zero.Init + stage 3:  {[round(x, 4) for x in global_losses(init_run)]}")
 
 # %% [markdown]
@@ -603,6 +612,7 @@ print(f"wire bytes per step / stage 0: {[round(wire[s] / wire[0], 4) for s in ra
 BF16_TOLERANCE = 2 ** -7
 for stage in runs:
     assert bf16_losses[stage][0] == bf16_losses[0][0]
+for stage in bf16_diff:  # the ZeRO stages against stage 1 (stage 0 differs by DeepSpeed's initial step)
     assert bf16_diff[stage] <= BF16_TOLERANCE, (stage, bf16_diff[stage])
     assert fp32_diff[stage] <= 1e-5, (stage, fp32_diff[stage])
 # fp32 memory, by the census (every tensor is fp32 now): the paper's fp32 formula to the byte,
@@ -613,8 +623,8 @@ for stage, results in fp32_runs.items():
     expected += 4 * PSI_PADDED[stage] // WORLD if stage in (1, 2) else 0
     for r in results:
         assert r["census"] == {"float32": expected}, (stage, r["census"], expected)
-print(f"largest relative loss difference to stage 0: bf16 {max(bf16_diff.values()):.1e} "
-      f"(tolerance {BF16_TOLERANCE:.1e}), fp32 {max(fp32_diff.values()):.1e} (tolerance 1e-5)")
+print(f"largest relative loss difference: bf16 (to stage 1) {max(bf16_diff.values()):.1e} "
+      f"(tolerance {BF16_TOLERANCE:.1e}), fp32 (to stage 0) {max(fp32_diff.values()):.1e} (tolerance 1e-5)")
 
 # %%
 # zero.Init: after construction the parameters hold nothing, and the census of rank 0 finds its

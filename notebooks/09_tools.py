@@ -123,12 +123,13 @@ mismatches = compat.check_rows(rows)
 print(f"\nrows that parsing contradicts: {mismatches}")
 
 # %% [markdown]
-# Here is what a refusal looks like, and what the HF `Trainer`'s `"auto"` placeholder gets:
+# Here is what a refusal looks like (CPU offload is built, NVMe offload is not), and what the HF
+# `Trainer`'s `"auto"` placeholder gets:
 
 # %%
 refusals = {}
 for name, config in {
-    "offload": {"train_batch_size": 16, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+    "offload": {"train_batch_size": 16, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}},
     "auto": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"},
     "typo": {"train_batch_size": 16, "zero_optimisation": {"stage": 1}},
 }.items():
@@ -324,9 +325,9 @@ print(f"AutoTP ranks: gradient all-reduces {hf_tp[0]['grad_bytes']} (data-parall
 # committed docs/config_compatibility.md is the table as generated now.
 assert mismatches == [], mismatches
 counted = compat.counts(rows)
-assert counted[compat.SUPPORTED] > 40 and counted[compat.REFUSED] > 100, counted
+assert counted[compat.SUPPORTED] > 90 and counted[compat.REFUSED] > 80, counted
 assert (ROOT / "docs" / "config_compatibility.md").read_text(encoding="utf-8") == compat.compatibility_markdown(rows)
-assert "offload_optimizer" in refusals["offload"] and "does not support" in refusals["offload"]
+assert "offload_optimizer" in refusals["offload"] and "'nvme' is not supported" in refusals["offload"]
 assert "Hugging Face Trainer placeholder" in refusals["auto"]
 assert "did you mean 'zero_optimization'" in refusals["typo"]
 print("config table: complete, consistent with the parser, committed file up to date")

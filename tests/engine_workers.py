@@ -199,7 +199,7 @@ def peak_worker(config, batches, model=None):
     engine.track_activations = True  # measure every step
     for b in batches:
         train_step(engine, b)
-    units = [(u.numel, u.padded, u.chunk) for u in engine.zero.units] if engine.zero else []
+    units = [(u.numel, u.padded, u.chunk) for u in engine.zero_optimizer.units] if engine.zero_optimizer else []
     return dict(report=engine.memory_report(), psi=engine.num_parameters(), units=units)
 
 

@@ -30,7 +30,8 @@ def engine_for(tensor_size, stage, seed, lr=0.05):
 
 def whole_weights(engine) -> dict:
     """The whole fp32 model by state_dict key: ZeRO-3 shards gathered over data, tensor shards over model."""
-    local = (engine.zero.full_state_dict() if engine.zero is not None and engine.zero.stage == 3 else
+    zero = engine.zero_optimizer
+    local = (zero.full_state_dict() if zero is not None and zero.stage == 3 else
              {k: v.detach().float() for k, v in engine.module.state_dict().items()})
     params = engine.module.state_dict(keep_vars=True)
     return {k: gather_parameter(params[k], v).clone() for k, v in local.items()}

@@ -72,7 +72,7 @@ def test_a_lone_process_becomes_a_world_of_one(tmp_path):
 
 def test_unsupported_deepspeed_feature_fails_clearly():
     with pytest.raises(ds_lab.ConfigError, match="does not support yet"):
-        ds_lab.DeepSpeedConfig.from_any({"train_batch_size": 2, "activation_checkpointing": {}})
+        ds_lab.DeepSpeedConfig.from_any({"train_batch_size": 2, "sparse_attention": {}})
 
 
 def test_csv_monitor_steps_per_print_wall_clock_and_verbose_comms_logger(tmp_path, capfd):

@@ -171,11 +171,9 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys():
 
 
 @pytest.mark.parametrize("key", [
-    "activation_checkpointing", "flops_profiler", "amp", "compression_training", "data_efficiency", "aio",
-    "sparse_attention", "elasticity", "autotuning", "checkpoint", "wandb", "comet",
-    "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "communication_data_type", "seq_parallel_communication_data_type", "dump_state",
-    "memory_breakdown", "sparse_gradients", "fp32_allreduce", "data_types", "compile", "torch_autocast",
+    "amp", "compression_training", "data_efficiency", "aio", "sparse_attention", "elasticity", "autotuning",
+    "checkpoint", "comet", "zero_force_ds_cpu_optimizer", "seq_parallel_communication_data_type", "dump_state",
+    "memory_breakdown", "sparse_gradients", "fp32_allreduce", "compile", "torch_autocast",
 ])
 def test_deepspeed_top_level_keys_are_named_as_not_supported_yet(key):
     assert f"'{key}' is a DeepSpeed config key that ds_lab does not support yet" in error_of({**BATCH, key: {}})
@@ -186,8 +184,7 @@ def test_old_bfloat16_name_points_to_bf16():
 
 
 @pytest.mark.parametrize("section, key", [
-    ("zero_optimization", "offload_optimizer"), ("zero_optimization", "offload_param"),
-    ("zero_optimization", "sub_group_size"), ("fp16", "fp16_master_weights_and_grads"),
+    ("zero_optimization", "zero_quantized_weights"), ("zero_optimization", "zenflow"), ("fp16", "fused_mode"),
     ("bf16", "immediate_grad_update"),
 ])
 def test_deepspeed_keys_inside_sections_are_named_as_not_supported_yet(section, key):
@@ -209,7 +206,7 @@ def test_every_zero_stage_is_accepted(stage):
 
 def test_zero_stage_out_of_range_and_non_dict_zero_section():
     assert "must be 0, 1, 2 or 3" in error_of({**BATCH, "zero_optimization": {"stage": 4}})
-    assert "'zero_optimization' must be a JSON object" in error_of({**BATCH, "zero_optimization": True})
+    assert "'zero_optimization' must be a JSON object" in error_of({**BATCH, "zero_optimization": 3})
 
 
 def test_fp16_and_bf16_cannot_both_be_enabled():
@@ -260,10 +257,10 @@ def test_adamw_with_adam_w_mode_false_is_a_contradiction():
     assert "adam_w_mode is false but optimizer.type is 'AdamW'" in message
 
 
-@pytest.mark.parametrize("name", ["lamb", "ZeroOneAdam", "OneBitLamb", "Adagrad", "Lion", "MuAdam"])
+@pytest.mark.parametrize("name", ["ZeroOneAdam", "OneBitLamb", "Adagrad", "Lion", "MuAdam"])
 def test_other_deepspeed_optimizers_are_not_supported_yet(name):
     message = error_of({**BATCH, "optimizer": {"type": name}})
-    assert "is not supported by ds_lab yet; supported: Adam, AdamW, OneBitAdam, SignAdam, SignSGD" in message
+    assert "is not supported by ds_lab yet; supported: Adam, AdamW, " in message
     assert message.startswith("DeepSpeed optimizer '")
 
 
@@ -294,12 +291,6 @@ def test_optimizer_needs_a_type_and_checks_param_values():
 def test_supported_schedulers_are_accepted(name, params):
     cfg = parse(scheduler={"type": name, "params": params})
     assert (cfg.scheduler.type, cfg.scheduler.params) == (name, params)
-
-
-@pytest.mark.parametrize("name", ["OneCycle", "LRRangeTest"])
-def test_other_deepspeed_schedulers_are_not_supported_yet(name):
-    assert f"DeepSpeed scheduler '{name}' is not supported by ds_lab yet" in \
-        error_of({**BATCH, "scheduler": {"type": name}})
 
 
 def test_torch_scheduler_names_are_not_supported_yet():

@@ -210,13 +210,13 @@ def test_decay_shorter_than_warmup_warns():
 
 
 def test_build_scheduler_instantiates_the_named_schedule():
-    assert set(SCHEDULERS) == {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"}
+    assert set(SCHEDULERS) == {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest"}
     optimizer = make_optimizer(0.1)
     scheduler = build_scheduler(SchedulerConfig(type="WarmupDecayLR", params={"total_num_steps": 50,
                                                                               "warmup_num_steps": 5}), optimizer)
     assert isinstance(scheduler, WarmupDecayLR) and scheduler.total_num_steps == 50
     with pytest.raises(ValueError, match="unknown scheduler"):
-        build_scheduler(SchedulerConfig(type="OneCycle", params={}), optimizer)
+        build_scheduler(SchedulerConfig(type="CyclicLR", params={}), optimizer)
 
 
 def test_the_configs_schedule_catalogue_is_the_schedules_signatures():

@@ -118,9 +118,10 @@ def test_onebit_adam_in_bf16_steps_fp32_masters_equal_to_the_simulation():
     res = ds_lab.launch(w.train_worker, 2, onebit(lr=1e-3, bf16={"enabled": True}), batches)
     assert res[0]["compressing"] == [False, False, True, True, True, True]
     torch.manual_seed(0)
-    start = dict(GPT(GPTConfig(**w.TINY)).named_parameters())  # the fp32 values the masters begin with
+    start = dict(GPT(GPTConfig(**w.TINY)).named_parameters())  # masters begin at the bf16-rounded values
     names = res[0]["names"]
-    final = ref.simulate_onebit_adam([start[n].detach() for n in names], [r["grads"] for r in res],
+    final = ref.simulate_onebit_adam([start[n].detach().to(torch.bfloat16).float() for n in names],
+                                     [r["grads"] for r in res],
                                      res[0]["compressing"], lr=1e-3, weight_decay=0.01)
     for name, value in zip(names, final):  # the module holds the masters rounded to bf16
         assert torch.equal(res[0]["weights"][name], value.to(torch.bfloat16).float()), name

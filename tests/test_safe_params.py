@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ds_lab
+from ds_lab.runtime.precision import DTYPES
 from tests import safe_params_workers as spw
 from tests.zero_workers import Net, make_batches
 
@@ -47,8 +48,9 @@ def test_get_full_fp32_param_is_the_whole_master_on_every_rank(runs, reference, 
     for out in runs:
         run = out[case]
         for name, value in reference["start"].items():
-            # the masters are taken before the cast to bf16: exact, not the 2-byte rounding
-            assert torch.equal(run["before"][name], value), name
+            # the masters start at the weights rounded to the model's dtype, as DeepSpeed's (runtime/precision.py)
+            start = value if case[1] == "fp32" else value.to(DTYPES[case[1]]).float()
+            assert torch.equal(run["before"][name], start), name
             assert torch.equal(run["after_step"][name], runs[0][case]["after_step"][name]), name
             if case[1] == "fp32":
                 assert torch.equal(run["after_step"][name], run["weights_after_step"][name]), name
@@ -71,6 +73,9 @@ def test_get_full_optimizer_state_is_adams_whole_moment(runs, reference, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_optimizer_state_before_the_first_step_is_an_error_naming_the_key(runs, case):
+    if case == (0, "bf16"):  # DeepSpeed's stage-0 bf16 optimizer steps once with zero gradients at init
+        assert runs[0][case]["state_before_step"] == "no error"
+        return
     assert "'exp_avg' not found" in runs[0][case]["state_before_step"]
 
 
@@ -92,15 +97,16 @@ def reference_shape(run, name):
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_next_step_starts_from_what_was_set(runs, case):
-    """AdamW at step 2 from the set (p, m, v) and the measured gradient g, written out by hand."""
+    """AdamW at step t from the set (p, m, v) and the measured gradient g, written out by hand."""
     b1, b2 = BETAS
+    t = 3 if case == (0, "bf16") else 2  # stage-0 bf16: Adam's zero-gradient step at init came first
     for out in runs:
         run = out[case]
         for name in spw.EDITED:
             values, g = spw.edit_values(name, reference_shape(run, name)), run["grads_2"][name]
             m = b1 * values["exp_avg"] + (1 - b1) * g
             v = b2 * values["exp_avg_sq"] + (1 - b2) * g * g
-            expected = values["param"] - LR / (1 - b1 ** 2) * m / ((v / (1 - b2 ** 2)).sqrt() + EPS)
+            expected = values["param"] - LR / (1 - b1 ** t) * m / ((v / (1 - b2 ** t)).sqrt() + EPS)
             assert torch.allclose(run["after_step_2"][name], expected, rtol=1e-5, atol=1e-6), name
             assert not torch.allclose(run["after_step_2"][name], run["after_step"][name])
 

@@ -105,8 +105,8 @@ def dp_train_worker(config, batches, model=None, seed=0, inject_inf_at=None):
 
     def inject_inf(micro):
         if micro == accumulation - 1 and comm.get_rank() == 0:
-            if engine.zero is not None:  # ZeRO: the gradient lives in this rank's shard
-                engine.zero.grad_chunk(engine.zero.units[0])[0] = float("inf")
+            if engine.zero_optimizer is not None:  # ZeRO: the gradient lives in this rank's shard
+                engine.zero_optimizer.grad_chunk(engine.zero_optimizer.units[0])[0] = float("inf")
             else:
                 next(engine.module.parameters()).grad.view(-1)[0] = float("inf")
 
@@ -120,13 +120,14 @@ def dp_train_worker(config, batches, model=None, seed=0, inject_inf_at=None):
         wire_bytes.append(sum(r.wire_bytes for r in comm.get_log() if r.tag in COMM_TAGS))
     return dict(losses=losses, weights=full_weights(engine), scales=scales, applied=applied,
                 grad_bytes=grad_bytes, wire_bytes=wire_bytes, memory=engine.memory_report(),
-                num_parameters=engine.num_parameters(), peak_live_params=getattr(engine.zero, "peak_live_bytes", None))
+                num_parameters=engine.num_parameters(),
+                peak_live_params=getattr(engine.zero_optimizer, "peak_live_bytes", None))
 
 
 def full_weights(engine):
     """The whole fp32 weights: the module's own under stages 0-2, the gathered shards under ZeRO-3."""
-    if engine.zero is not None and engine.zero.stage == 3:
-        return {k: v.clone() for k, v in engine.zero.full_state_dict().items()}
+    if engine.zero_optimizer is not None and engine.zero_optimizer.stage == 3:
+        return {k: v.clone() for k, v in engine.zero_optimizer.full_state_dict().items()}
     return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
 
 
@@ -211,9 +212,9 @@ def zero_measure_worker(config, batches, model, seed=0, use_init=False):
         comm.reset_log()
         losses.append(train_step(engine, batch))
         wire.append(sum(r.wire_bytes for r in comm.get_log() if r.tag in COMM_TAGS))
-    largest_unit = max((u.padded for u in engine.zero.units), default=0) if engine.zero else 0
+    largest_unit = max((u.padded for u in engine.zero_optimizer.units), default=0) if engine.zero_optimizer else 0
     return dict(memory=engine.memory_report(), num_parameters=engine.num_parameters(), wire=wire,
-                losses=losses, peak_live=getattr(engine.zero, "peak_live_bytes", None),
+                losses=losses, peak_live=getattr(engine.zero_optimizer, "peak_live_bytes", None),
                 largest_unit=largest_unit, init_peak=init_peak, init_params_bytes=init_params_bytes,
                 weights=full_weights(engine), grad_norm=engine.get_global_grad_norm())
 

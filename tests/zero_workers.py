@@ -95,8 +95,8 @@ def reference_train(kind, batches, optimizer="adam", clip=1.0, seed=0, start=Non
 
 
 def full_weights(engine):
-    if engine.zero is not None and engine.zero.stage == 3:
-        return engine.zero.full_state_dict()
+    if engine.zero_optimizer is not None and engine.zero_optimizer.stage == 3:
+        return engine.zero_optimizer.full_state_dict()
     return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
 
 
@@ -160,8 +160,8 @@ def external_parameter_worker(config, batches):
     model = Net("tied_head")
     register_external_parameter(model, model.emb.weight)
     engine, _, _, _ = ds_lab.initialize(model=model, config={**config, "optimizer": ADAM})
-    unit = engine.zero.unit_of[model.emb.weight]
-    registered = unit in engine.zero.needs.get(model, [])
+    unit = engine.zero_optimizer.unit_of[model.emb.weight]
+    registered = unit in engine.zero_optimizer.needs.get(model, [])
     return dict(registered=registered, losses=train(engine, batches), weights=full_weights(engine))
 
 

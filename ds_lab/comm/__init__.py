@@ -25,6 +25,7 @@ Run: `python -m ds_lab.comm` prints the nccl-tests factors for n = 2..8.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import time
@@ -40,13 +41,25 @@ from ds_lab.comm.trace import (RECENT_RECORDS, CommRecord, add_listener, bus_fac
 
 __all__ = ["CommRecord", "CollectiveTimeoutError", "ReduceOp", "RECENT_RECORDS", "add_listener", "all_gather",
            "all_reduce", "all_to_all", "barrier", "broadcast", "bus_factor", "configure_logger", "default_backend",
-           "destroy", "device", "format_summary", "get_backend", "get_global_rank", "get_log", "get_rank", "group_ranks",
+           "default_timeout", "destroy", "device", "format_summary", "get_backend", "get_global_rank", "get_log", "get_rank", "group_ranks",
            "forget_inherited", "get_world_size", "init_distributed", "irecv", "is_initialized", "isend", "log_summary", "new_group",
            "record_count", "recv", "remove_listener", "reset_log", "send", "summarize", "tag", "tcp_store"]
 
 ReduceOp = dist.ReduceOp
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("DS_LAB_COMM_TIMEOUT", 300))
+DEFAULT_TIMEOUT_S = 300.0  # a collective's deadline when nobody says: DS_LAB_COLLECTIVE_TIMEOUT overrides it
+_timeout_s: Optional[float] = None  # the deadline of the current process group (named in timeout errors)
+
+
+def default_timeout() -> float:
+    """Seconds a collective may wait: DS_LAB_COLLECTIVE_TIMEOUT (or the older DS_LAB_COMM_TIMEOUT), else 300."""
+    for name in ("DS_LAB_COLLECTIVE_TIMEOUT", "DS_LAB_COMM_TIMEOUT"):
+        if os.environ.get(name):
+            try:
+                return float(os.environ[name])
+            except ValueError:
+                raise ValueError(f"{name}={os.environ[name]!r} is not a number of seconds (e.g. {name}=600)")
+    return DEFAULT_TIMEOUT_S
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -74,8 +87,9 @@ def _call(rec: CommRecord, thunk):
     except RuntimeError as err:  # gloo/NCCL say "timed out" / "Timeout" in various forms
         if "imed out" in str(err) or "imeout" in str(err):
             raise CollectiveTimeoutError(
-                f"rank {get_rank()}: {rec.op} ({rec.bytes} bytes, group of {rec.group_size}) did not "
-                f"complete within the timeout; another rank probably never called it or died.\n{err}"
+                f"rank {get_rank()}: {rec.op} ({rec.bytes} bytes, group of {rec.group_size}) did not complete "
+                f"within the {_timeout_s or default_timeout():g} s timeout (init_distributed(timeout=...) or "
+                f"DS_LAB_COLLECTIVE_TIMEOUT sets it); another rank probably never called it or died.\n{err}"
             ) from err
         raise
 
@@ -217,12 +231,16 @@ def init_distributed(dist_backend: Optional[str] = None, timeout: Optional[float
 
     Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment (torchrun sets them).
     With none set, this is a lone process: a world of size 1 on an in-memory store.
+    timeout: seconds a collective may wait before it fails naming itself (default `default_timeout()`:
+    300 s, or DS_LAB_COLLECTIVE_TIMEOUT), under launch, torchrun or a plain script alike.
     """
     if is_initialized():
         return
     _links.clear()  # a new job: LOCAL_WORLD_SIZE may have changed
+    global _timeout_s
     backend = dist_backend or default_backend()
-    delta = datetime.timedelta(seconds=timeout or DEFAULT_TIMEOUT_S)
+    _timeout_s = float(timeout or default_timeout())  # never "wait forever": a hang ends, and says so
+    delta = datetime.timedelta(seconds=_timeout_s)
     if store is None and rank is None and "RANK" not in os.environ:
         store, rank, world_size = dist.HashStore(), 0, 1
     if store is not None:
@@ -231,6 +249,17 @@ def init_distributed(dist_backend: Optional[str] = None, timeout: Optional[float
         dist.init_process_group(backend, init_method="env://", timeout=delta)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", get_rank() % torch.cuda.device_count())))
+    atexit.unregister(_destroy_at_exit)  # once, however often a job re-initialises
+    atexit.register(_destroy_at_exit)  # a script that ends without destroy() must not leave gloo's threads
+
+
+def _destroy_at_exit() -> None:
+    """At interpreter exit, shut the process group down while its backend threads can still be joined
+    (left to static destructors, gloo may abort the process: "terminate called without an active exception")."""
+    try:
+        destroy()
+    except Exception:  # the job is over; a peer that already left must not turn a clean exit into an error
+        pass
 
 
 def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: float):

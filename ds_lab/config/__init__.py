@@ -11,7 +11,9 @@ ds_lab has not built yet is named as such, nothing is silently ignored.
 Defaults, checked against DeepSpeed's source (deepspeedai/DeepSpeed master), not its docs. Sources:
 C runtime/constants.py, P runtime/precision_config.py, Z runtime/zero/config.py, L comm/constants.py,
 M monitor/config.py, F ops/adam/fused_adam.py, E runtime/engine.py + runtime/config.py,
-T runtime/tensor_parallel/config.py.
+T runtime/tensor_parallel/config.py, O runtime/zero/offload_config.py, R profiling/config.py,
+A runtime/activation_checkpointing/config.py (number_checkpoints None, the rest False). The
+gradient-reduction keys act in ds_lab/runtime/grad_reduce.py; features.py holds the newer sections.
 
 | key                                      | default           | src | note                                  |
 |------------------------------------------|-------------------|-----|---------------------------------------|
@@ -25,6 +27,7 @@ T runtime/tensor_parallel/config.py.
 | fp16.loss_scale_window, fp16.hysteresis  | 1000, 2           | P   |                                       |
 | fp16.consecutive_hysteresis              | False             | P   |                                       |
 | fp16.min_loss_scale                      | 1.0               | P   |                                       |
+| fp16.fp16_master_weights_and_grads      | False             | P   | ZeRO + offload cpu only; not enforced |
 | bf16.enabled                             | False             | P   |                                       |
 | pipeline.stages                          | "auto"            | C   | ds_lab adds schedule, virtual_stages  |
 | tensor_parallel.autotp_size              | 0 (off)           | T   | > 1: AutoTP in initialize()           |
@@ -37,6 +40,29 @@ T runtime/tensor_parallel/config.py.
 | stage3_param_persistence_threshold       | 100_000           | Z   |                                       |
 | stage3_max_live_parameters               | 1_000_000_000     | Z   |                                       |
 | stage3_max_reuse_distance                | 1_000_000_000     | Z   |                                       |
+| stage3_gather_16bit_weights_on_model_save| False             | Z   | alias: stage3_gather_fp16_weights_on_model_save |
+| offload_optimizer, offload_param         | device "none"     | O   | Z has None; "nvme" refused            |
+|   pin_memory, buffer_count (opt / param) | True, 4 / 5       | O   | ratio 1.0 (< 1 refused), fast_init F  |
+|   buffer_size, max_in_cpu (param)        | 1e8, 1e9          | O   | nvme_path None, pipeline_* False      |
+| cpu_offload, cpu_offload_param           | None              | Z   | deprecated: true = device "cpu"       |
+| cpu_offload_use_pin_memory               | None              | Z   | deprecated; dropped as in DeepSpeed   |
+| allgather_partitions                     | True              | Z   | not enforced: always all-gathered     |
+| round_robin_gradients                    | False             | Z   | not enforced: offload copy order only |
+| sub_group_size                           | 1_000_000_000     | Z   | not enforced: one step per shard      |
+| use_multi_rank_bucket_allreduce          | True              | Z   | not enforced: one collective a bucket |
+| ignore_unused_parameters                 | True              | Z   | not enforced: unused -> zero grads    |
+| elastic_checkpoint                       | False             | Z   | not enforced: runtime/reshard.py      |
+| load_from_fp32_weights                   | True              | Z   | not enforced: fp32 masters reloaded   |
+| memory_efficient_linear                  | True              | Z   | not enforced: torch's linear          |
+| prescale_gradients                       | False             | E   | ZeRO-2/3 refuse true, as DeepSpeed    |
+| gradient_predivide_factor                | 1.0               | E   | ZeRO-2/3 refuse != 1, as DeepSpeed    |
+| communication_data_type                  | None (precision)  | E   | "fp16", "bf16", "fp32"                |
+| zero_allow_untested_optimizer            | False             | E   | ZeRO + client optimizer not Adam(W)   |
+| data_types.grad_accum_dtype              | None (model's)    | E   | stage 0: must equal the model's       |
+| wandb enabled, group, team, project      | False, None, None,| M   | project "deepspeed"                   |
+| flops_profiler enabled, profile_step     | False, 1          | R   | module_depth -1, top_modules 1        |
+| flops_profiler detailed, output_file     | True, None        | R   | recompute_fwd_factor 0.0              |
+| activation_checkpointing (six keys)      | False / None      | A   | partition_activations, cpu_checkp... |
 | comms_logger enabled, verbose, debug     | False             | L   |                                       |
 | comms_logger prof_all, prof_ops          | True, []          | L   |                                       |
 | csv_monitor / tensorboard enabled        | False             | M   |                                       |
@@ -55,7 +81,9 @@ Where ds_lab departs from DeepSpeed:
   when adam_w_mode is false) and ``optimizer.params`` holds torch-style keys only (lr, betas, eps,
   weight_decay), defaults filled in. ``AdamW`` with adam_w_mode false is an error (DeepSpeed ignores it).
 - Unknown keys, wrong types, and DeepSpeed features ds_lab lacks are errors (DeepSpeed ignores most
-  unknown keys). ``zero_optimization`` must be a dict (DeepSpeed also takes a deprecated bool).
+  unknown keys). ``"zero_optimization": true/false`` (deprecated) = stage 1 / 0, with a warning.
+- Keys DeepSpeed reads that change nothing in ds_lab (allgather_partitions, round_robin_gradients,
+  sub_group_size, ...) are accepted with a warning naming what ds_lab does instead (_ZERO_NOT_ENFORCED).
 - ``zero_optimization.overlap_comm`` None means "the engine decides": ds_lab overlaps gradient
   all-reduce with backward at stage 0, like DDP. DeepSpeed turns None into (stage == 3).
 - Only ZeRO stages in ``SUPPORTED_ZERO_STAGES`` are accepted for now.
@@ -69,7 +97,8 @@ Where ds_lab departs from DeepSpeed:
 - An optimizer or scheduler passed to ``initialize()`` overrides the config's section, as in DeepSpeed,
   with a warning (DeepSpeed only logs it): see ``check_client_optimizer``.
 
-Files: `checks.py` (the checkers and ConfigError), `sections.py` (fp16, bf16, zero, loggers),
+Files: `checks.py` (the checkers and ConfigError), `sections.py` (fp16, bf16, zero, loggers), `features.py`
+(offload, wandb, flops_profiler, activation_checkpointing, data_types, the gradient-reduction keys),
 `optimizer.py` (optimizer, scheduler, and client objects passed to initialize()); this file
 holds the whole config, the batch-size rule, and the JSON loading.
 """
@@ -78,11 +107,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from ds_lab.config.checks import (SUPPORTED_ZERO_STAGES, ConfigError, _boolean, _build, _check_keys, _number,
                                   _positive_integer, _section)
+from ds_lab.config.features import (ActivationCheckpointingConfig, DataTypesConfig, FlopsProfilerConfig,
+                                    OffloadOptimizerConfig, OffloadParamConfig, WandbConfig, parse_features)
 from ds_lab.config.optimizer import (ADAM_PARAM_DEFAULTS, SCHEDULES, SUPPORTED_OPTIMIZERS, WARMUP_TYPES,
                                      OptimizerConfig, SchedulerConfig, check_client_optimizer, check_client_scheduler,
                                      parse_optimizer, parse_scheduler)
@@ -96,7 +128,9 @@ from ds_lab.config.sections import (_BF16_CHECKERS, _COMMS_LOGGER_CHECKERS, _DEE
 
 __all__ = ["ConfigError", "DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "FP16Config", "BF16Config",
            "ZeroConfig", "CommsLoggerConfig", "MonitorConfig", "SUPPORTED_ZERO_STAGES", "SUPPORTED_OPTIMIZERS",
-           "SCHEDULES", "WARMUP_TYPES", "ADAM_PARAM_DEFAULTS", "check_client_optimizer", "check_client_scheduler"]
+           "SCHEDULES", "WARMUP_TYPES", "ADAM_PARAM_DEFAULTS", "check_client_optimizer", "check_client_scheduler",
+           "OffloadOptimizerConfig", "OffloadParamConfig", "WandbConfig", "FlopsProfilerConfig",
+           "ActivationCheckpointingConfig", "DataTypesConfig"]
 
 
 @dataclass
@@ -119,6 +153,14 @@ class DeepSpeedConfig:
     tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)  # AutoTP, in initialize
     hierarchical_allreduce: bool = False  # ds_lab's own: stage-0 gradients all-reduced node-aware
     fused_kernels: Optional[bool] = None  # ds_lab's own: None/True = CUDA kernels where they can run, False = torch
+    prescale_gradients: bool = False  # divide by the world size before the all-reduce (else after)
+    gradient_predivide_factor: float = 1.0  # postscale: x 1/f before the all-reduce, x f/N after
+    communication_data_type: Optional[str] = None  # "fp16"/"bf16"/"fp32"; None: the training precision
+    zero_allow_untested_optimizer: bool = False  # ZeRO with a client optimizer DeepSpeed has not tested
+    data_types: DataTypesConfig = field(default_factory=DataTypesConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    flops_profiler: FlopsProfilerConfig = field(default_factory=FlopsProfilerConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     raw: dict = field(default_factory=dict)  # a copy of the user's dict as given
 
     @property
@@ -183,13 +225,14 @@ _TOP_LEVEL_KEYS = tuple(f.name for f in fields(DeepSpeedConfig) if f.name != "ra
 
 def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
     world_size = _positive_integer(world_size, "world_size")
-    _check_keys(raw, _TOP_LEVEL_KEYS, _DEEPSPEED_TOP_LEVEL_KEYS)
+    _check_keys(raw, _TOP_LEVEL_KEYS + ("allgather_size",), _DEEPSPEED_TOP_LEVEL_KEYS)
     train, micro, accumulation = _resolve_batch_sizes(raw, world_size)
     fp16 = _build(FP16Config, _section(raw, "fp16"), "fp16", _FP16_CHECKERS, _DEEPSPEED_FP16_KEYS)
     bf16 = _build(BF16Config, _section(raw, "bf16"), "bf16", _BF16_CHECKERS, _DEEPSPEED_BF16_KEYS)
     if fp16.enabled and bf16.enabled:
         raise ConfigError("fp16 and bf16 are both enabled; set one of them to false")
     steps_per_print = raw.get("steps_per_print")
+    _legacy_zero_flag(raw)
     zero = _check_zero_semantics(_build(ZeroConfig, _section(raw, "zero_optimization"), "zero_optimization",
                                         _ZERO_CHECKERS, _DEEPSPEED_ZERO_KEYS), _section(raw, "zero_optimization"))
     return DeepSpeedConfig(
@@ -214,8 +257,26 @@ def _parse(raw: dict, world_size: int) -> DeepSpeedConfig:
                                _TENSOR_PARALLEL_CHECKERS, _DEEPSPEED_TENSOR_PARALLEL_KEYS),
         hierarchical_allreduce=_hierarchical_allreduce(raw.get("hierarchical_allreduce", False), zero.stage),
         fused_kernels=_fused_kernels(raw.get("fused_kernels"), "fused_kernels"),
+        **parse_features(raw, zero, fp16, bf16),
         raw=raw,
     )
+
+
+def _legacy_zero_flag(raw: dict) -> None:
+    """DeepSpeed's deprecated ``"zero_optimization": true/false`` = stage 1 / 0, with the top-level
+    ``allgather_size`` as the all-gather bucket (zero/config.py read_zero_config_deprecated)."""
+    flag = raw.get("zero_optimization")
+    if isinstance(flag, bool):
+        warnings.warn('"zero_optimization": true/false is DeepSpeed\'s deprecated form; write '
+                      '{"zero_optimization": {"stage": 1}} (true) or {"stage": 0} (false)', stacklevel=4)
+        raw["zero_optimization"] = {"stage": int(flag)}
+        if flag and "allgather_size" in raw:
+            raw["zero_optimization"]["allgather_bucket_size"] = raw["allgather_size"]
+    if "allgather_size" in raw:
+        if not isinstance(flag, bool):
+            raise ConfigError("'allgather_size' belongs to the deprecated \"zero_optimization\": true form; "
+                              "write zero_optimization.allgather_bucket_size instead")
+        del raw["allgather_size"]
 
 
 

@@ -33,9 +33,9 @@ class SchedulerConfig:
     params: dict  # keyword arguments for that schedule, as given
 
 
-SUPPORTED_OPTIMIZERS = ("Adam", "AdamW", "OneBitAdam", "SignAdam", "SignSGD")
+SUPPORTED_OPTIMIZERS = ("Adam", "AdamW", "Lamb", "OneBitAdam", "SignAdam", "SignSGD")
 # DeepSpeed's own optimizer names, current (runtime/config.py DEEPSPEED_OPTIMIZERS) and removed.
-_DEEPSPEED_OPTIMIZERS = ("Adagrad", "Lamb", "Lion", "MuAdam", "MuAdamW", "MuSGD", "Muon",
+_DEEPSPEED_OPTIMIZERS = ("Adagrad", "Lion", "MuAdam", "MuAdamW", "MuSGD", "Muon",
                          "OneBitLamb", "ZeroOneAdam")
 # The communicating optimizers (ds_lab.optim.onebit_adam, ds_lab.optim.sign): params, defaults, checks.
 # OneBitAdam's are DeepSpeed ≤ 0.18's (runtime/fp16/onebit/adam.py) plus ds_lab's error_feedback switch
@@ -49,17 +49,22 @@ OTHER_OPTIMIZER_PARAMS = {
     "SignAdam": {"lr": (1e-3, _number), "betas": ((0.9, 0.999), _betas), "eps": (1e-8, _number),
                  "weight_decay": (0.0, _number), "bias_correction": (True, _boolean)},
     "SignSGD": {"lr": (1e-4, _number), "momentum": (0.0, _number), "weight_decay": (0.0, _number)},
+    # DeepSpeed's FusedLamb (ops/lamb/fused_lamb.py) and its defaults; ds_lab.optim.lamb
+    "Lamb": {"lr": (1e-3, _number), "bias_correction": (True, _boolean), "betas": ((0.9, 0.999), _betas),
+             "eps": (1e-8, _number), "eps_inside_sqrt": (False, _boolean), "weight_decay": (0.0, _number),
+             "max_coeff": (10.0, _number), "min_coeff": (0.01, _number), "amsgrad": (False, _boolean)},
 }
 # the optimizers that exchange data themselves (the engine's gradient all-reduce is off while they do)
 COMMUNICATING_OPTIMIZERS = ("OneBitAdam", "SignSGD")
-_DEEPSPEED_SCHEDULERS = ("OneCycle", "LRRangeTest")
+_DEEPSPEED_SCHEDULERS: tuple = ()  # DeepSpeed's five schedules are all in SCHEDULES
 _DEEPSPEED_OPTIMIZER_KEYS = {"legacy_fusion": ""}
-_DEEPSPEED_ADAM_PARAMS = {"torch_adam": "", "bias_correction": "", "amsgrad": "", "set_grad_none": "",
+_DEEPSPEED_ADAM_PARAMS = {"amsgrad": "", "set_grad_none": "",
                           "max_grad_norm": "set the top-level 'gradient_clipping' instead"}
 
 ADAM_PARAM_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+# torch_adam (DeepSpeed: torch.optim.Adam/AdamW instead of FusedAdam) selects ds_lab Adam's torch path, no kernel
 _ADAM_PARAM_CHECKERS = {"lr": _number, "betas": _betas, "eps": _number, "weight_decay": _number,
-                        "adam_w_mode": _boolean}
+                        "adam_w_mode": _boolean, "torch_adam": _boolean, "bias_correction": _boolean}
 
 WARMUP_TYPES = ("log", "linear")  # the first is the default
 _WARMUP_ARGUMENTS = ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "last_batch_iteration")
@@ -69,13 +74,28 @@ SCHEDULES = {
     "WarmupDecayLR": (("total_num_steps",), _WARMUP_ARGUMENTS),
     "WarmupCosineLR": (("total_num_steps",), ("warmup_min_ratio", "warmup_num_steps", "cos_min_ratio",
                                               "warmup_type", "last_batch_iteration")),
+    "OneCycle": (("cycle_min_lr", "cycle_max_lr"), ("decay_lr_rate", "cycle_first_step_size",
+                                                   "cycle_second_step_size", "cycle_first_stair_count",
+                                                   "cycle_second_stair_count", "decay_step_size", "cycle_momentum",
+                                                   "cycle_min_mom", "cycle_max_mom", "decay_mom_rate",
+                                                   "last_batch_iteration")),
+    "LRRangeTest": ((), ("lr_range_test_min_lr", "lr_range_test_step_size", "lr_range_test_step_rate",
+                         "lr_range_test_staircase", "last_batch_iteration")),
 }
 # Value checks for schedule arguments, by argument name.
 _SCHEDULER_PARAM_CHECKERS: dict[str, Callable] = {
     "warmup_min_lr": _learning_rates, "warmup_max_lr": lambda v, n: None if v is None else _learning_rates(v, n),
     "warmup_num_steps": _positive_integer, "total_num_steps": _positive_integer,
     "warmup_min_ratio": _number, "cos_min_ratio": _number, "warmup_type": _string,
-    "last_batch_iteration": lambda v, n: _integer(v, n, minimum=-1)}
+    "last_batch_iteration": lambda v, n: _integer(v, n, minimum=-1),
+    "cycle_min_lr": _learning_rates, "cycle_max_lr": _learning_rates, "decay_lr_rate": _number,
+    "cycle_first_step_size": _number, "cycle_second_step_size": lambda v, n: None if v is None else _number(v, n),
+    "cycle_first_stair_count": lambda v, n: _integer(v, n, minimum=0),
+    "cycle_second_stair_count": lambda v, n: None if v is None else _integer(v, n, minimum=0),
+    "decay_step_size": _number, "cycle_momentum": _boolean, "cycle_min_mom": _learning_rates,
+    "cycle_max_mom": _learning_rates, "decay_mom_rate": _number,
+    "lr_range_test_min_lr": _learning_rates, "lr_range_test_step_size": _positive_integer,
+    "lr_range_test_step_rate": _number, "lr_range_test_staircase": _boolean}
 
 
 def _required_type(section: dict, name: str, example: str) -> str:
@@ -94,6 +114,8 @@ def parse_optimizer(raw: dict) -> Optional[OptimizerConfig]:
     if canonical is None:
         _reject_optimizer(name)
     given = _section(section, "params")
+    if canonical == "Lamb":
+        _check_lamb(raw)
     if canonical in OTHER_OPTIMIZER_PARAMS:
         return _parse_other_optimizer(canonical, given)
     _check_keys(given, _ADAM_PARAM_CHECKERS, _DEEPSPEED_ADAM_PARAMS, "optimizer.params")
@@ -107,17 +129,30 @@ def parse_optimizer(raw: dict) -> Optional[OptimizerConfig]:
     return OptimizerConfig(type="AdamW" if adam_w_mode else "Adam", params=params)
 
 
+def _check_lamb(raw: dict) -> None:
+    """DeepSpeed's condition on Lamb (runtime/engine.py): dynamic loss scaling when fp16 is on. (With
+    ZeRO, Lamb is an untested optimizer there; ds_lab.modes.check_zero_optimizer says so.)"""
+    fp16 = raw.get("fp16") if isinstance(raw.get("fp16"), dict) else {}
+    if fp16.get("enabled") and fp16.get("loss_scale", 0) != 0:
+        raise ConfigError("optimizer 'Lamb' requires dynamic loss scaling (DeepSpeed's rule): "
+                          "set fp16.loss_scale to 0 or remove it")
+
+
 def _parse_other_optimizer(name: str, given: dict) -> OptimizerConfig:
     specs = OTHER_OPTIMIZER_PARAMS[name]
     deepspeed_only = {"max_grad_norm": "set the top-level 'gradient_clipping' instead",
                       "amsgrad": "1-bit Adam has no AMSGrad variant (DeepSpeed refuses it too)",
                       "eps_inside_sqrt": "DeepSpeed's OnebitAdam stores it and never reads it"} \
-        if name == "OneBitAdam" else {}
+        if name == "OneBitAdam" else \
+        {"max_grad_norm": "set the top-level 'gradient_clipping' instead (DeepSpeed refuses it too)"} \
+        if name == "Lamb" else {}
     _check_keys(given, specs, deepspeed_only, "optimizer.params")
     params = {key: default for key, (default, _) in specs.items()}
     params.update({key: specs[key][1](value, f"optimizer.params.{key}") for key, value in given.items()})
     if "momentum" in params and not params["momentum"] < 1:
         raise ConfigError(f"optimizer.params.momentum must be in [0, 1), got {params['momentum']}")
+    if params.pop("amsgrad", False):
+        raise ConfigError(f"optimizer.params.amsgrad: {name} has no AMSGrad variant (DeepSpeed refuses it too)")
     if params.get("comm_backend_name", "nccl") not in _COMM_BACKENDS:
         raise ConfigError(f"optimizer.params.comm_backend_name must be one of {list(_COMM_BACKENDS)}, "
                           f"got {params['comm_backend_name']!r} (ds_lab uses the process group's own backend)")

@@ -13,6 +13,8 @@ from typing import Optional
 
 from ds_lab.config.checks import (ConfigError, _boolean, _integer, _number, _optional_boolean, _positive_integer,
                                   _positive_number, _string, _string_list, _zero_stage)
+from ds_lab.config.features import (OffloadOptimizerConfig, OffloadParamConfig, _offload_optimizer_section,
+                                    _offload_param_section, fold_legacy_zero)
 
 
 @dataclass
@@ -25,6 +27,7 @@ class FP16Config:
     hysteresis: int = 2  # overflows tolerated before the scale halves
     consecutive_hysteresis: bool = False  # refill hysteresis after each overflow-free step
     min_loss_scale: float = 1.0
+    fp16_master_weights_and_grads: bool = False  # DeepSpeed: ZeRO + CPU offload only; ds_lab keeps fp32 masters
 
 
 @dataclass
@@ -44,6 +47,23 @@ class ZeroConfig:
     stage3_param_persistence_threshold: int = 100_000
     stage3_max_live_parameters: int = 1_000_000_000
     stage3_max_reuse_distance: int = 1_000_000_000
+    stage3_gather_16bit_weights_on_model_save: bool = False  # save_16bit_model gathers the ZeRO-3 shards
+    offload_optimizer: OffloadOptimizerConfig = field(default_factory=OffloadOptimizerConfig)  # DeepSpeed: None
+    offload_param: OffloadParamConfig = field(default_factory=OffloadParamConfig)  # DeepSpeed: None
+    # accepted, not enforced (_ZERO_NOT_ENFORCED says why): DeepSpeed's defaults
+    allgather_partitions: bool = True
+    round_robin_gradients: bool = False
+    sub_group_size: int = 1_000_000_000
+    use_multi_rank_bucket_allreduce: bool = True
+    ignore_unused_parameters: bool = True
+    elastic_checkpoint: bool = False
+    load_from_fp32_weights: bool = True
+    memory_efficient_linear: bool = True
+    # DeepSpeed's deprecated spellings, folded into the fields above by _check_zero_semantics
+    cpu_offload: Optional[bool] = None  # true = offload_optimizer {device: cpu}
+    cpu_offload_param: Optional[bool] = None  # true = offload_param {device: cpu}
+    cpu_offload_use_pin_memory: Optional[bool] = None  # dropped, as DeepSpeed does
+    stage3_gather_fp16_weights_on_model_save: bool = False  # = stage3_gather_16bit_weights_on_model_save
 
 
 @dataclass
@@ -124,44 +144,43 @@ class MonitorConfig:
 # runtime/config.py (including the keys it now rejects as removed), runtime/constants.py and the
 # sub-configs it reads (monitor, profiling, autotuning, data pipeline, checkpointing, ...).
 _DEEPSPEED_TOP_LEVEL_KEYS = {key: "" for key in (
-    "activation_checkpointing", "aio", "amp", "autotuning", "checkpoint", "comet", "communication_data_type",
-    "compile", "compression_training", "curriculum_learning", "data_efficiency", "data_types",
-    "dataloader_drop_last", "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state",
-    "eigenvalue", "elasticity", "expert_parallel", "flops_profiler", "fp32_allreduce", "gradient_allreduce_op",
-    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level",
-    "managed_gradient_accumulation", "memory_breakdown", "nebula", "prescale_gradients",
+    "aio", "amp", "autotuning", "checkpoint", "comet", "compile", "compression_training", "curriculum_learning",
+    "data_efficiency", "dataloader_drop_last", "datastates_ckpt", "disable_allgather", "disable_python_gc",
+    "dump_state", "eigenvalue", "elasticity", "expert_parallel", "fp32_allreduce", "gradient_allreduce_op",
+    "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation", "memory_breakdown", "nebula",
     "progressive_layer_drop", "quantize_training", "seq_parallel_comm_data_type",
     "seq_parallel_communication_data_type", "sequence_parallel_size", "sparse_attention", "sparse_gradients",
-    "timers", "torch_autocast", "trackio", "use_data_before_expert_parallelism",
-    "vocabulary_size", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer")}
+    "timers", "torch_autocast", "trackio", "use_data_before_expert_parallelism", "vocabulary_size",
+    "weight_quantization", "zero_force_ds_cpu_optimizer")}
 _DEEPSPEED_TOP_LEVEL_KEYS["bfloat16"] = "DeepSpeed's old name for 'bf16'; write 'bf16'"
 
 _DEEPSPEED_ZERO_KEYS = {key: "" for key in (
-    "allgather_partitions", "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory", "elastic_checkpoint",
-    "enable_sanity_checks", "ignore_unused_parameters", "leaf_module", "legacy_stage1", "load_from_fp32_weights",
-    "log_trace_cache_warnings", "memory_efficient_linear", "mics_hierarchical_params_gather", "mics_shard_size",
-    "offload_optimizer", "offload_param", "override_module_apply", "pipeline_loading_checkpoint",
-    "round_robin_gradients", "save_muon_momentum_buffer_in_memory", "stage3_allgather_sequential",
-    "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
-    "stage3_model_persistence_threshold", "stage3_module_granularity_threshold",
-    "stage3_partition_stream_chunk_size", "stage3_use_all_reduce_for_fetch_params", "sub_group_size",
-    "use_multi_rank_bucket_allreduce", "zenflow", "zero_hpz_partition_size", "zero_quantized_gradients",
+    "enable_sanity_checks", "leaf_module", "legacy_stage1", "log_trace_cache_warnings",
+    "mics_hierarchical_params_gather", "mics_shard_size", "override_module_apply", "pipeline_loading_checkpoint",
+    "save_muon_momentum_buffer_in_memory", "stage3_allgather_sequential", "stage3_model_persistence_threshold",
+    "stage3_module_granularity_threshold", "stage3_partition_stream_chunk_size",
+    "stage3_use_all_reduce_for_fetch_params", "zenflow", "zero_hpz_partition_size", "zero_quantized_gradients",
     "zero_quantized_nontrainable_weights", "zero_quantized_weights", "zeropp_loco_param")}
-_DEEPSPEED_FP16_KEYS = {"fp16_master_weights_and_grads": "", "fused_mode": ""}
+_DEEPSPEED_FP16_KEYS = {"fused_mode": ""}
 _DEEPSPEED_BF16_KEYS = {key: "" for key in ("immediate_grad_update", "check_grad_overflow", "check_overflow",
                                             "bf16_master_weights_and_grads", "bf16_optimizer_states")}
 
 _FP16_CHECKERS = {
     "enabled": _boolean, "auto_cast": _boolean, "loss_scale": _number, "initial_scale_power": _integer,
     "loss_scale_window": _positive_integer, "hysteresis": _positive_integer, "consecutive_hysteresis": _boolean,
-    "min_loss_scale": _positive_number}
+    "min_loss_scale": _positive_number, "fp16_master_weights_and_grads": _boolean}
 _BF16_CHECKERS = {"enabled": _boolean}
 _ZERO_CHECKERS = {
     "stage": _zero_stage, "reduce_bucket_size": _integer, "allgather_bucket_size": _integer,
     "overlap_comm": _optional_boolean, "contiguous_gradients": _boolean, "reduce_scatter": _boolean,
     "stage3_prefetch_bucket_size": _integer, "stage3_param_persistence_threshold": _integer,
-    "stage3_max_live_parameters": _integer, "stage3_max_reuse_distance": _integer}
+    "stage3_max_live_parameters": _integer, "stage3_max_reuse_distance": _integer,
+    "stage3_gather_16bit_weights_on_model_save": _boolean, "offload_optimizer": _offload_optimizer_section,
+    "offload_param": _offload_param_section, "allgather_partitions": _boolean, "round_robin_gradients": _boolean,
+    "sub_group_size": _integer, "use_multi_rank_bucket_allreduce": _boolean, "ignore_unused_parameters": _boolean,
+    "elastic_checkpoint": _boolean, "load_from_fp32_weights": _boolean, "memory_efficient_linear": _boolean,
+    "cpu_offload": _optional_boolean, "cpu_offload_param": _optional_boolean,
+    "cpu_offload_use_pin_memory": _optional_boolean, "stage3_gather_fp16_weights_on_model_save": _boolean}
 _COMMS_LOGGER_CHECKERS = {"enabled": _boolean, "verbose": _boolean, "prof_all": _boolean, "debug": _boolean,
                           "prof_ops": _string_list}
 _MONITOR_CHECKERS = {"enabled": _boolean, "output_path": _string, "job_name": _string}
@@ -172,11 +191,22 @@ _ZERO_NOT_ENFORCED = {
     "allgather_bucket_size": "ZeRO-1/2 all-gather per unit (units follow reduce_bucket_size)",
     "stage3_max_live_parameters": "ZeRO-3 releases each module after use; only the prefetch budget is enforced",
     "stage3_max_reuse_distance": "ZeRO-3 releases each module after use; only the prefetch budget is enforced",
+    "allgather_partitions": "ZeRO-1/2 always all-gather the updated partitions (false: DeepSpeed broadcasts them, "
+                            "same values)",
+    "round_robin_gradients": "an offload copy-scheduling optimisation; the gradient values do not change",
+    "sub_group_size": "the optimizer steps over each rank's whole flat shard at once (same values)",
+    "use_multi_rank_bucket_allreduce": "ZeRO-1/2 reduce-scatter each bucket in one collective (same values)",
+    "ignore_unused_parameters": "unused parameters get zero gradients and training continues (DeepSpeed's true)",
+    "elastic_checkpoint": "checkpoints always hold each rank's shard; ds_lab/runtime/reshard.py reshapes them",
+    "load_from_fp32_weights": "loading always restores the fp32 master weights from the checkpoint",
+    "memory_efficient_linear": "ZeRO-3 uses torch's own linear; its autograd saves what backward needs",
+    "cpu_offload_use_pin_memory": "deprecated; DeepSpeed drops it too: set offload_optimizer/offload_param.pin_memory",
 }
 
 
 def _check_zero_semantics(zero: "ZeroConfig", given: dict) -> "ZeroConfig":
     """Say so when a value asks for behaviour ds_lab does not have: nothing is silently ignored."""
+    zero = fold_legacy_zero(zero, given)
     for key in ("contiguous_gradients", "reduce_scatter"):
         if given.get(key) is False:
             raise ConfigError(f"zero_optimization.{key}: false is not supported by ds_lab (its ZeRO always keeps "

@@ -3,6 +3,8 @@
     workers.py   functions run on every rank by `ds_lab.launch` (data parallel, ZeRO)
     measure.py   measurements that do not ask the engine (a census of live tensors, hooks of our own)
     tables.py    the model-states tables the chapters print
+    background.py  model growth, GPU capacities, counted FLOPs and a step's allocations (chapter 1)
+    alpha_beta.py, naive_dp.py  the α–β cost model measured; naive data parallel, instrumented (chapter 2)
     model_parallel.py  rank functions for tensor and pipeline parallelism (chapter 4)
     drawings.py  pipeline Gantt charts and the (pipe, data, model) grid, drawn without a run
     compression.py  1-bit Adam, SignAdam, signSGD runs and the compressed all-reduce by hand (chapter 5)

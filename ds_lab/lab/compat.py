@@ -39,18 +39,32 @@ VALUE_LIMITS = {
     ("zero_optimization", "contiguous_gradients"): (False, "false refused: ZeRO keeps flat contiguous gradients"),
     ("zero_optimization", "reduce_scatter"): (False, "false refused: ZeRO always reduce-scatters gradients"),
     ("tensor_parallel", "tp_overlap_comm"): (True, "true refused: the tensor-parallel all-reduces are synchronous"),
+    ("zero_optimization", "offload_optimizer"): ({"device": "nvme"}, "device 'cpu' (stages 1-3); 'nvme' refused"),
+    ("zero_optimization", "offload_param"): ({"device": "nvme"}, "device 'cpu' at stage 3; 'nvme' refused"),
+    ("fp16", "fp16_master_weights_and_grads"): (True, "needs ZeRO + offload_optimizer cpu, as DeepSpeed; "
+                                                      "the masters stay fp32 here (a warning says so)"),
+    ("data_types", "grad_accum_dtype"): ("int8", "fp32/fp16/bf16; without ZeRO it must be the model's dtype"),
 }
 # the sections built from a dataclass: name -> (its DeepSpeed-only keys, a minimal valid value)
 _SECTIONS = {
     "fp16": sections._DEEPSPEED_FP16_KEYS, "bf16": sections._DEEPSPEED_BF16_KEYS,
     "zero_optimization": sections._DEEPSPEED_ZERO_KEYS, "comms_logger": {}, "csv_monitor": {}, "tensorboard": {},
     "pipeline": sections._DEEPSPEED_PIPELINE_KEYS, "tensor_parallel": sections._DEEPSPEED_TENSOR_PARALLEL_KEYS,
+    "data_types": {}, "wandb": {}, "flops_profiler": {}, "activation_checkpointing": {},
 }
 _TOP_LEVEL_NOTES = {
     "train_batch_size": "= micro x accumulation x data-parallel size; give any two",
     "optimizer": "see the optimizer.type and optimizer.params sections",
     "scheduler": "see the scheduler.type section",
     "hierarchical_allreduce": DS_LAB_ONLY[("", "hierarchical_allreduce")],
+    "prescale_gradients": "stage 0: x 1/N before the all-reduce; ZeRO-2/3 refuse it and ZeRO-1 ignores it "
+                          "(warned), as DeepSpeed",
+    "gradient_predivide_factor": "stage 0: x 1/f before the all-reduce, x f/N after; ZeRO-2/3 refuse != 1 "
+                                 "and ZeRO-1 ignores it (warned), as DeepSpeed",
+    "communication_data_type": "the gradient reduction's dtype at every stage (cast, reduce, cast back); "
+                               "default: the training precision",
+    "zero_allow_untested_optimizer": "ZeRO with an optimizer outside DeepSpeed's tested list: DeepSpeed "
+                                     "asserts, ds_lab warns and runs it",
 }
 
 
@@ -159,7 +173,8 @@ def _default(row: Row):
     if row.section == "optimizer":
         return {} if row.key == "params" else "AdamW"
     if row.section.startswith("optimizer.params"):
-        return {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "adam_w_mode": True}[row.key]
+        return {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "adam_w_mode": True,
+                "torch_adam": False, "bias_correction": True}[row.key]
     cls = next(f for f in fields(DeepSpeedConfig) if f.name == row.section).default_factory
     return getattr(cls(), row.key)
 

@@ -147,7 +147,7 @@ def zero_train(config, batches, model, use_init=False, article_call=False):
     probe.remove()
     out.update(memory=engine.memory_report(), census=census_since(inherited, MODEL_DTYPES),
                num_parameters=engine.num_parameters(), peak_whole=probe.peak,
-               peak_live=getattr(engine.zero, "peak_live_bytes", None))  # the engine's own counter, for show
+               peak_live=getattr(engine.zero_optimizer, "peak_live_bytes", None))  # the engine's own counter, for show
     if article_call:  # the article's §3.1 line, verbatim, after initialize
         try:
             engine.zero.Init(module=gpt)

@@ -169,6 +169,22 @@ class GPT(nn.Module):
             # One matrix both embeds tokens and scores them: fewer parameters, and the
             # input and output views of a token stay consistent.
             self.lm_head.weight = self.wte.weight
+        self.checkpoint_function = None  # set by gradient_checkpointing_enable
+
+    def gradient_checkpointing_enable(self, checkpoint_function=None) -> None:
+        """Recompute each block in backward instead of keeping its activations (HF's name): a block
+        then keeps only its input, b*s*h elements, instead of 16*b*s*h. `checkpoint_function(block,
+        x)`: default torch.utils.checkpoint; pass `deepspeed.checkpointing.checkpoint` for DeepSpeed's
+        (partitioned activations over the model-parallel group, ...)."""
+        if checkpoint_function is None:
+            from torch.utils.checkpoint import checkpoint
+
+            def checkpoint_function(block, x):
+                return checkpoint(block, x, use_reentrant=False)
+        self.checkpoint_function = checkpoint_function
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.checkpoint_function = None
 
     def num_parameters(self) -> int:
         """Unique parameters: a tied matrix counts once (`parameters()` already deduplicates)."""
@@ -192,8 +208,9 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        recompute = self.checkpoint_function is not None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = self.checkpoint_function(block, x) if recompute else block(x)
         logits = self.lm_head(self.ln_f(x))
 
         loss = None

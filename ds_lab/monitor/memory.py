@@ -14,6 +14,11 @@ in an earlier category is not counted again. Categories, in counting order:
 
 On CUDA the report adds the caching allocator's own figures, which include what PyTorch
 allocates that no category above names (workspace, fragmentation).
+
+Placement: each category's bytes are also split into `host` and `device` (`Ledger.placement`), by
+where the mode *designates* each tensor to live: ZeRO-Offload keeps the optimizer (and at stage 3
+the parameter chunks) in host memory (`ds_lab/zero/offload.py`). On a machine without a GPU the
+device is the CPU too, so a tensor's `.device` cannot tell; the mode's list of host tensors does.
 """
 from __future__ import annotations
 
@@ -47,10 +52,25 @@ def storage_bytes(tensors, seen: set | None = None) -> int:
     return total
 
 
-def ledger(categories: dict) -> dict:
-    """{category: iterable of tensors} -> {category: bytes}, deduplicated across categories."""
+class Ledger(dict):
+    """{category: bytes}, and `.placement`: {category: {"host": bytes, "device": bytes}}."""
+
+    placement: dict
+
+
+def ledger(categories: dict, host=()) -> Ledger:
+    """{category: iterable of tensors} -> {category: bytes}, deduplicated across categories.
+    `host`: the tensors designated to live in host memory; the rest are on the device."""
+    host_keys = {_storage_key(t)[0] for t in host if isinstance(t, torch.Tensor) and not t.is_meta}
     seen: set = set()
-    return {name: storage_bytes(tensors, seen) for name, tensors in categories.items()}
+    out = Ledger()
+    out.placement = {}
+    for name, tensors in categories.items():
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        on_host = storage_bytes([t for t in tensors if not t.is_meta and _storage_key(t)[0] in host_keys], seen)
+        out[name] = on_host + storage_bytes(tensors, seen)
+        out.placement[name] = {"host": on_host, "device": out[name] - on_host}
+    return out
 
 
 def optimizer_state_tensors(optimizer) -> list:

@@ -20,6 +20,7 @@ from ds_lab.ops.gelu import bias_gelu
 from ds_lab.ops.norm import layer_norm
 from ds_lab.ops.sign_pack import pack_with_error, unpack_scaled
 from ds_lab.ops.softmax import causal_softmax
+from ds_lab.ops import adam  # noqa: E402  deepspeed.ops.adam.FusedAdam / DeepSpeedCPUAdam (ops/adam/)
 
 GELU_APPROXIMATE = "tanh"  # GPT-2's GeLU; "none" for the exact erf form (read at every call)
 

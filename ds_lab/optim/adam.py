@@ -15,7 +15,9 @@ kernel launch per group on a GPU with CuPy (kernels/fused_adam.cu, the `fused_ke
 torch's `_foreach` ops otherwise: `ds_lab.ops.fused_adam`.
 
 DeepSpeed's `"type": "Adam"` means adam_w_mode=True (decoupled decay) and weight_decay=0 by
-default; `ds_lab.config` resolves that and `build_optimizer` follows it.
+default; `ds_lab.config` resolves that and `build_optimizer` follows it. `torch_adam=True`
+(DeepSpeed's switch from FusedAdam to torch.optim.Adam/AdamW) runs the torch `_foreach` reference,
+never the fused kernel; the numbers are the same either way.
 """
 from __future__ import annotations
 
@@ -34,12 +36,13 @@ def run_closure(closure):
 
 class Adam(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 adam_w_mode=True, bias_correction=True):
+                 adam_w_mode=True, bias_correction=True, torch_adam=False):
         if lr < 0 or eps < 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1:
             raise ValueError(f"invalid Adam hyper-parameters lr={lr} betas={betas} eps={eps}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         adam_w_mode=adam_w_mode, bias_correction=bias_correction, step=0)
         super().__init__(params, defaults)
+        self.torch_adam = bool(torch_adam)  # DeepSpeed's torch_adam: the torch path, never the fused kernel
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -56,14 +59,15 @@ class Adam(torch.optim.Optimizer):
             exp_avgs = [self.state[p]["exp_avg"] for p in params]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
             group["step"] += 1
-            self._update(group, params, grads, exp_avgs, exp_avg_sqs)
+            self._update(group, params, grads, exp_avgs, exp_avg_sqs, "torch" if self.torch_adam else None)
         return loss
 
     @staticmethod
-    def _update(group, params, grads, exp_avgs, exp_avg_sqs):
+    def _update(group, params, grads, exp_avgs, exp_avg_sqs, backend=None):
         """The update above for every tensor of the group: one fused kernel launch on a GPU
         (kernels/fused_adam.cu), torch `_foreach` ops elsewhere (`ds_lab.ops.fused_adam`)."""
         fused_adam_step(params, grads, exp_avgs, exp_avg_sqs, lr=group["lr"], betas=group["betas"],
                         eps=group["eps"], weight_decay=group["weight_decay"], step=group["step"],
-                        adam_w_mode=group["adam_w_mode"], bias_correction=group["bias_correction"])
+                        adam_w_mode=group["adam_w_mode"], bias_correction=group["bias_correction"],
+                        backend=backend)
 

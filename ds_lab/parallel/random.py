@@ -27,14 +27,14 @@ MODEL_PARALLEL_RNG = "model-parallel-rng"
 SEED_OFFSET = 2718  # Megatron's: keeps the tensor streams away from the default seed
 
 
-def _get_state() -> dict:
+def device_rng_state() -> dict:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_state(state: dict) -> None:
+def set_device_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
@@ -52,23 +52,23 @@ class RNGStatesTracker:
     def add(self, name: str, seed: int) -> None:
         if name in self.states:
             raise ValueError(f"RNG state {name!r} already exists; call reset() first")
-        outside = _get_state()
+        outside = device_rng_state()
         torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
-        self.states[name] = _get_state()
-        _set_state(outside)
+        self.states[name] = device_rng_state()
+        set_device_rng_state(outside)
 
     @contextlib.contextmanager
     def fork(self, name: str = MODEL_PARALLEL_RNG):
         if name not in self.states:
             raise RuntimeError(f"no RNG state {name!r}: call ds_lab.parallel.model_parallel_manual_seed(seed) "
                                f"on every rank before using dropout inside a tensor-parallel region")
-        outside = _get_state()
-        _set_state(self.states[name])
+        outside = device_rng_state()
+        set_device_rng_state(self.states[name])
         try:
             yield
         finally:
-            self.states[name] = _get_state()  # the stream continues where it stopped
-            _set_state(outside)
+            self.states[name] = device_rng_state()  # the stream continues where it stopped
+            set_device_rng_state(outside)
 
 
 _TRACKER = RNGStatesTracker()

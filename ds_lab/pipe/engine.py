@@ -64,6 +64,8 @@ class PipelineEngine(DeepSpeedEngine):
         if (schedule == "interleaved") != (virtual > 1):
             raise ConfigError(f"pipeline.schedule {schedule!r} with virtual_stages {virtual}: the interleaved "
                               f"schedule needs virtual_stages >= 2, the others exactly 1")
+        if config.precision == "bf16":  # DeepSpeed's pipelines step bf16 with BF16_Optimizer, which takes
+            build_mode = _without_zero_grad_step(build_mode)  # no zero-gradient step at construction
         super().__init__(model, config, grid, build_mode, **kwargs)
         self.schedule_name, self.virtual_stages = schedule, virtual
         self.num_stages, self.stage_id = grid.size("pipe"), grid.rank_in("pipe")
@@ -98,11 +100,18 @@ class PipelineEngine(DeepSpeedEngine):
                             "do not call engine.step()")
 
     # ---- checkpoints: DeepSpeed's per-layer files next to the per-stage ones (checkpoint.py) ----------
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True):
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest: bool = True,
+                        exclude_frozen_parameters: bool = False):
+        if exclude_frozen_parameters:
+            raise PipelineError("exclude_frozen_parameters is not supported by ds_lab's pipeline checkpoints "
+                                "(per-layer files keep every parameter); save without it")
         return pipe_checkpoint.save(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest)
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict: bool = True, load_optimizer_states: bool = True,
-                        load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False, custom_load_fn=None):
+        if custom_load_fn is not None:
+            raise PipelineError("custom_load_fn is not supported by ds_lab's pipeline checkpoints (they load "
+                                "per layer); load without it")
         return pipe_checkpoint.load(self, load_dir, tag=tag, strict=load_module_strict,
                                     load_optimizer_states=load_optimizer_states,
                                     load_lr_scheduler_states=load_lr_scheduler_states,
@@ -277,3 +286,12 @@ def _to(x, device):
     if isinstance(x, (tuple, list)):
         return type(x)(_to(t, device) for t in x)
     return x
+
+
+def _without_zero_grad_step(build_mode):
+    """The mode builder, with stage 0's zero-gradient step at init switched off (runtime/data_parallel.py)."""
+    def build(*args, **kwargs):
+        mode = build_mode(*args, **kwargs)
+        mode.zero_grad_step_at_init = False
+        return mode
+    return build

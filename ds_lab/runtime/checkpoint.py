@@ -28,6 +28,11 @@ tag without a manifest, which `load` refuses ("incomplete"). A file whose size o
 from the manifest (truncated, corrupted) is refused with its name. Every file is read with
 `torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code.
 File names, the manifest and the merge by name live in checkpoint_files.py.
+
+Also DeepSpeed's: save(exclude_frozen_parameters=True) leaves requires_grad=False parameters out of
+the module state (loading it then needs strict=False); load(custom_load_fn=fn) calls
+fn(src=saved module state dict, dst=module) instead of loading the module; save_16bit_model writes
+one plain state dict in the training dtype (ZeRO-3: gathered, when the config asks for it).
 """
 from __future__ import annotations
 
@@ -44,15 +49,23 @@ from ds_lab.runtime.checkpoint_files import (MANIFEST, MODEL_FILE, atomic_write,
 from ds_lab.runtime.safe_load import CheckpointError, safe_load  # noqa: F401
 
 
-def engine_state(engine) -> dict:
+def module_state(module, exclude_frozen_parameters=False) -> dict:
+    """module.state_dict(), less the parameters with requires_grad=False when asked (DeepSpeed's
+    module_state_dict(exclude_frozen_parameters=True))."""
+    params = state_dict_params(module)
+    frozen = {k for k, p in params.items() if not p.requires_grad} if exclude_frozen_parameters else set()
+    return {k: v for k, v in module.state_dict().items() if k not in frozen}
+
+
+def engine_state(engine, exclude_frozen_parameters=False) -> dict:
     """What data-parallel rank 0 of each model slice writes: the module's buffers and (unless the
     mode partitions them) parameters, counters, scheduler, scaler, and what the mode keeps there."""
     names = param_names(engine.module)
     aliases = {key: names[p] for key, p in state_dict_params(engine.module).items()}
-    module_state = {k: v for k, v in engine.module.state_dict().items()
-                    if k not in aliases or not engine.mode.partitions_parameters}
+    module_state_ = {k: v for k, v in module_state(engine.module, exclude_frozen_parameters).items()
+                     if k not in aliases or not engine.mode.partitions_parameters}
     return dict(
-        module=module_state,
+        module=module_state_,
         param_aliases=aliases,
         mode=engine.mode.model_state(names),
         lr_scheduler=engine.lr_scheduler.state_dict() if hasattr(engine.lr_scheduler, "state_dict") else None,
@@ -66,7 +79,7 @@ def engine_state(engine) -> dict:
     )
 
 
-def save(engine, save_dir, tag=None, client_state=None, save_latest=True) -> bool:
+def save(engine, save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False) -> bool:
     """All ranks call this. Data-parallel rank 0 of every model slice writes that slice's model
     states; a mode that partitions state has every rank write its shard. Every rank returns once
     the whole tag, manifest included, is on disk."""
@@ -84,7 +97,7 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True) -> boo
         path = os.path.join(folder, shard_file(engine.dp_rank, grid.mp_rank))
         atomic_write(path, lambda f: torch.save(shard, f))
     if engine.dp_rank == 0:
-        state = dict(engine_state(engine), client_state=client_state or {})
+        state = dict(engine_state(engine, exclude_frozen_parameters), client_state=client_state or {})
         atomic_write(os.path.join(folder, model_file(grid.mp_rank)), lambda f: torch.save(state, f))
     if world > 1:
         comm.barrier()
@@ -108,7 +121,7 @@ def check_shapes(module, weights: dict, folder: str, strict: bool) -> None:
 
 
 def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, load_lr_scheduler_states=True,
-         load_module_only=False, reshape=False):
+         load_module_only=False, reshape=False, custom_load_fn=None):
     """Returns (load_path, client_state), or (None, None) when there is no checkpoint, as DeepSpeed.
 
     Any mode loads any other mode's weights, at any data-parallel size (partitioned weights are
@@ -116,7 +129,9 @@ def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, lo
     the same way (stage 0 with stage 0; ZeRO 1-3 with each other, resharded).
     At another model-parallel shape (pipe x model), or with reshape=True (a pipeline cut
     differently), the weights are merged whole from every file and cut again (reshard.py); the
-    optimizer state follows from ZeRO 1-3 to ZeRO 1-3, and is refused otherwise."""
+    optimizer state follows from ZeRO 1-3 to ZeRO 1-3, and is refused otherwise.
+    custom_load_fn(src=the saved module state dict, dst=engine.module) loads the module instead; the
+    mode then takes the module's values (ZeRO-3's module holds only chunks: refused there)."""
     tag = resolve_tag(load_dir, tag)
     if tag is None:
         if comm.get_rank() == 0:
@@ -130,13 +145,18 @@ def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, lo
     saved, grid = reshard.saved_shape(first), engine.grid
     here = dict(pipe=grid.size("pipe"), model=grid.size("model"))
     optimizer_states = load_optimizer_states and not load_module_only
+    if custom_load_fn is not None and (engine.mode.partitions_parameters or reshape
+                                       or (saved["pipe"], saved["model"]) != (here["pipe"], here["model"])):
+        raise CheckpointError("custom_load_fn needs the whole parameters in the module at the saved "
+                              "model-parallel shape; ZeRO-3 keeps only chunks there: load at ZeRO stage 0-2, "
+                              "or without custom_load_fn")
     if reshape or (saved["pipe"], saved["model"]) != (here["pipe"], here["model"]):
         path, state = os.path.join(folder, model_file(0)), first
         _load_reshaped(engine, folder, entries, first, strict, optimizer_states)
     else:
         path = os.path.join(folder, model_file(grid.mp_rank))
         state = first if grid.mp_rank == 0 else safe_load(path)
-        _load_same_shape(engine, folder, entries, state, strict, optimizer_states)
+        _load_same_shape(engine, folder, entries, state, strict, optimizer_states, custom_load_fn)
     if load_module_only:  # DeepSpeed: the module only; counters, scheduler and scaler stay as they are
         return path, state["client_state"]
     if engine.loss_scaler is not None and state["loss_scaler"] is not None:
@@ -148,17 +168,24 @@ def load(engine, load_dir, tag=None, strict=True, load_optimizer_states=True, lo
     return path, state["client_state"]
 
 
-def _load_same_shape(engine, folder, entries, state, strict, optimizer_states) -> None:
+def _load_same_shape(engine, folder, entries, state, strict, optimizer_states, custom_load_fn=None) -> None:
     """The same pipe x model slices: this slice's own files (any data-parallel size, any stage)."""
     mp_rank = engine.grid.mp_rank
     shards = [safe_load(os.path.join(folder, f)) for f in shard_files(folder, mp_rank) if f in entries]
     weights = saved_weights(state, shards)
-    check_shapes(engine.module, weights, folder, strict)
     names = param_names(engine.module)
-    buffers = {k: v for k, v in state["module"].items() if k not in state["param_aliases"]}
-    missing = engine.module.load_state_dict(buffers, strict=False)
-    if strict and missing.unexpected_keys:
-        raise CheckpointError(f"{folder} has buffers this model lacks: {missing.unexpected_keys}")
+    if custom_load_fn is not None:  # the caller loads the module; the masters follow what it loaded
+        src = dict(state["module"])
+        src.update((key, weights[name]) for key, name in state["param_aliases"].items()
+                   if key not in src and name in weights)
+        custom_load_fn(src=src, dst=engine.module)
+        weights = {name: p.detach().float() for p, name in names.items()}
+    else:
+        check_shapes(engine.module, weights, folder, strict)
+        buffers = {k: v for k, v in state["module"].items() if k not in state["param_aliases"]}
+        missing = engine.module.load_state_dict(buffers, strict=False)
+        if strict and missing.unexpected_keys:
+            raise CheckpointError(f"{folder} has buffers this model lacks: {missing.unexpected_keys}")
     same_kind = (state["zero_stage"] == 0) == (engine.mode.stage == 0)
     if optimizer_states and not same_kind:
         raise CheckpointError(f"{folder} was saved at ZeRO stage {state['zero_stage']}; this engine runs stage "
@@ -181,3 +208,37 @@ def _load_reshaped(engine, folder, entries, first, strict, optimizer_states) -> 
     own = set(engine.module.state_dict().keys())
     engine.module.load_state_dict({k: v for k, v in merged["buffers"].items() if k in own}, strict=False)
     engine.mode.load(weights, {}, shards, names, load_optimizer_states=optimizer_states)
+
+
+def save_16bit_model(engine, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False) -> bool:
+    """The module's state dict in its training dtype, written atomically by rank 0; every rank calls it
+    and returns once the file is there. ZeRO-3 keeps only chunks in the module: the whole weights are
+    gathered (a collective) only with stage3_gather_16bit_weights_on_model_save, else nothing is
+    written and it returns False, as DeepSpeed does."""
+    path = os.path.join(save_dir, save_filename)
+    if engine.grid.mp_world_size > 1:
+        raise CheckpointError("save_16bit_model with pipeline or tensor parallelism is not supported by ds_lab "
+                              "(each rank holds a slice of the model); use save_checkpoint")
+    if engine.mode.partitions_parameters:
+        if not engine.zero_gather_16bit_weights_on_model_save():
+            if comm.get_rank() == 0:
+                print(f"[ds_lab] did not save the model {path} because "
+                      f"stage3_gather_16bit_weights_on_model_save is False")
+            return False
+        whole = engine.mode.full_state_dict()  # fp32, gathered from the masters (the params are their cast)
+        params, cast, state = state_dict_params(engine.module), {}, {}
+        for key, p in params.items():
+            if p.requires_grad or not exclude_frozen_parameters:
+                state[key] = cast.setdefault(p, whole[key].to(p.dtype))  # tied weights: one tensor
+        state.update((k, v) for k, v in engine.module.state_dict().items() if k not in params)  # buffers
+    else:
+        state = module_state(engine.module, exclude_frozen_parameters)
+    if comm.get_rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        on_host = {}  # keyed by storage, so that tied weights stay one tensor in the file
+        state = {k: on_host.setdefault((v.data_ptr(), v.dtype, tuple(v.shape)), v.detach().cpu())
+                 for k, v in state.items()}
+        atomic_write(path, lambda f: torch.save(state, f))
+    if comm.get_world_size() > 1:
+        comm.barrier()
+    return True

@@ -153,11 +153,12 @@ def full_tensors_by_name(shards: list, key="masters", groups=None) -> dict:
 
 def saved_weights(state: dict, shards: list) -> dict:
     """Every parameter's whole fp32 value by name, from wherever the checkpoint keeps it."""
-    if shards:
-        return full_tensors_by_name(shards)
     by_name = {name: state["module"][key].float() for key, name in state["param_aliases"].items()
-               if key in state["module"]}
-    by_name.update((state.get("mode") or {}).get("master_params_by_name") or {})  # exact fp32 masters
+               if key in state["module"]}  # frozen parameters live only here under ZeRO 1-2
+    if shards:
+        by_name.update(full_tensors_by_name(shards))  # the exact fp32 masters of what the optimizer steps
+    else:
+        by_name.update((state.get("mode") or {}).get("master_params_by_name") or {})  # exact fp32 masters
     return by_name
 
 

@@ -20,6 +20,9 @@ How (the same idea as torch DDP):
   collectives in the same order.
 - With gradient accumulation, only the boundary micro-step communicates (DeepSpeed's stage-0
   rule); earlier micro-steps just accumulate into the buffer.
+- Where the 1/N goes and the dtype on the wire are DeepSpeed's (`runtime/grad_reduce.py`): by
+  default the all-reduce sums and the sum is multiplied by 1/N after it; `prescale_gradients`,
+  `gradient_predivide_factor` and `communication_data_type` change that, as in DeepSpeed.
 - `overlap=False` waits for the end of backward, then reduces bucket by bucket: the naive
   schedule, kept so the chapter can measure what overlap buys.
 - `hierarchical=True` (config `"hierarchical_allreduce": true`) all-reduces each bucket node-aware:
@@ -32,13 +35,17 @@ import torch
 
 from ds_lab import comm
 from ds_lab.comm.hierarchical import HierarchicalAllReduce
+from ds_lab.runtime.grad_reduce import GradientReduction
 from ds_lab.runtime.mode import GradientMode, copies_along
+from ds_lab.runtime.precision import master_values
 from ds_lab.runtime.ready import ReadyInOrder
 
 
 class BucketedAllReduce:
-    def __init__(self, params, bucket_size: int, group=None, overlap: bool = True, hierarchical: bool = False):
+    def __init__(self, params, bucket_size: int, group=None, overlap: bool = True, hierarchical: bool = False,
+                 reduction: GradientReduction = GradientReduction()):
         self.params = [p for p in params if p.requires_grad]
+        self.reduction = reduction  # where the 1/N goes and the wire dtype (runtime/grad_reduce.py)
         self.group, self.overlap = group, overlap
         self.world_size = comm.get_world_size(group)
         # collective: every rank builds the groups of every data-parallel group (flat when on one node)
@@ -72,18 +79,19 @@ class BucketedAllReduce:
             p.grad = view
 
     def _launch(self, index: int, async_op: bool = True) -> None:
-        if self.world_size == 1:
-            return
+        if self.world_size == 1 and self.reduction.wire(self.buffer) is self.buffer:
+            return  # nothing to average, nothing to round
         start, end = self.buckets[index]
         flat = self.buffer[start:end]
-        flat.div_(self.world_size)  # average = sum of (g_r / N): pre-divide to keep fp16 in range
-        with comm.tag("grad_allreduce"):
-            if self.hierarchy is not None and not self.hierarchy.flat:
-                handle = self.hierarchy.all_reduce(flat, async_op=async_op)
-            else:
-                handle = comm.all_reduce(flat, group=self.group, async_op=async_op)
-        if handle is not None:
-            self.handles.append(handle)
+        wire = self.reduction.before_all_reduce(flat, self.world_size)  # DeepSpeed's allreduce_bucket
+        handle = None
+        if self.world_size > 1:
+            with comm.tag("grad_allreduce"):
+                if self.hierarchy is not None and not self.hierarchy.flat:
+                    handle = self.hierarchy.all_reduce(wire, async_op=async_op)
+                else:
+                    handle = comm.all_reduce(wire, group=self.group, async_op=async_op)
+        self.handles.append((handle, wire, flat))
 
     # ---- called by the engine -----------------------------------------------------------------
     def backward_start(self, boundary: bool) -> None:
@@ -103,8 +111,10 @@ class BucketedAllReduce:
         if self.deferred:  # the naive schedule: all communication after backward, one by one
             for index in range(len(self.buckets)):
                 self._launch(index, async_op=False)
-        for handle in self.handles:
-            handle.wait()
+        for handle, wire, flat in self.handles:
+            if handle is not None:
+                handle.wait()
+            self.reduction.after_all_reduce(wire, flat, self.world_size)
         self.handles = []
 
     def zero_grad(self) -> None:
@@ -121,12 +131,18 @@ class DataParallel(GradientMode):
 
     fp32: the optimizer steps the parameters themselves. bf16/fp16: each parameter gets an fp32
     master copy (the optimizer never sees the 2-byte weights) and the step copies it back.
+
+    bf16/fp16 also take one optimizer step with zero gradients when the optimizer is bound, as
+    DeepSpeed's stage-0 FP16_Optimizer / FP16_UnfusedOptimizer do in `initialize_optimizer_states`:
+    Adam's step count starts at 1 (the first real update is ~0.74 lr with betas (0.9, 0.999), not lr)
+    and AdamW's weight decay shrinks the masters once. ZeRO and fp32 take no such step.
     """
 
     name, stage = "data parallel", 0
     supports_no_sync = True
     # DeepSpeed's stage-0 fp16 optimizer ignores hysteresis and stays at the minimum scale
     loss_scaler_options = dict(use_hysteresis=False, raise_below_minimum=False)
+    reduction = GradientReduction()  # modes.py sets the config's (prescale, predivide, wire dtype)
 
     def __init__(self, module, grid, model_dtype, device, bucket_size: int, overlap: bool = True,
                  hierarchical: bool = False):
@@ -136,13 +152,30 @@ class DataParallel(GradientMode):
         self.bucket_size, self.overlap, self.hierarchical = bucket_size, overlap, hierarchical
         self.reducer = None
 
+    zero_grad_step_at_init = True  # DeepSpeed's initialize_optimizer_states (mixed precision only)
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer) -> None:
+        """Bound by the engine; in bf16/fp16 the zero-gradient step happens here, before any scheduler."""
+        self._optimizer = optimizer
+        if optimizer is not None and self.model_dtype != torch.float32 and self.zero_grad_step_at_init:
+            for master in self.masters:
+                master.grad = torch.zeros_like(master)
+            optimizer.step()
+            for master in self.masters:
+                master.grad = None
+
     def optimizer_params(self, group_index: int, params: list) -> list:
         if self.model_dtype == torch.float32:
             masters = list(params)
         else:
             for p in params:
                 if p not in self.master_of:
-                    self.master_of[p] = torch.nn.Parameter(p.detach().clone().float())
+                    self.master_of[p] = torch.nn.Parameter(master_values([p], self.model_dtype)[0].float())
                     for attr in ("tensor_model_parallel", "pipe_tied"):  # the norm reads them
                         setattr(self.master_of[p], attr, getattr(p, attr, False))
             masters = [self.master_of[p] for p in params]
@@ -153,7 +186,8 @@ class DataParallel(GradientMode):
     def attach(self) -> None:
         """After the cast to the model dtype: the flat gradient buffer and its buckets."""
         self.reducer = BucketedAllReduce(list(self.module.parameters()), self.bucket_size,
-                                         group=self.dp_group, overlap=self.overlap, hierarchical=self.hierarchical)
+                                         group=self.dp_group, overlap=self.overlap, hierarchical=self.hierarchical,
+                                         reduction=self.reduction)
 
     def backward_start(self, boundary: bool) -> None:
         self.reducer.backward_start(boundary)

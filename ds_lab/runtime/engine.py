@@ -20,11 +20,10 @@ grid (`comm/topology.py`: pipe x data x model), built by `initialize` or taken f
 At the boundary `step()` does, in order: (fp16) check every rank's gradients for inf/nan and skip
 the step if any, with the loss scaler adjusting; give the fp32 masters their gradients; unscale and
 clip them by the global norm; run the optimizer; bring the model's parameters up to date; step the
-LR scheduler; zero the gradients.
+LR scheduler; zero the gradients. DeepSpeed's accessors and checkpoint calls: engine_api.py.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -38,13 +37,15 @@ from ds_lab.monitor.monitors import build_monitors
 from ds_lab.monitor.memory import (CATEGORIES, ActivationTracker, cuda_allocator, ledger,
                                    optimizer_state_tensors)
 from ds_lab.optim import build_optimizer
-from ds_lab.runtime import checkpoint
+from ds_lab.profiling.flops_profiler import FlopsProfiler
+from ds_lab.runtime import activation_checkpointing
+from ds_lab.runtime.engine_api import EngineAPI, local_rank_from_env
 from ds_lab.runtime.lr_schedules import build_scheduler
 from ds_lab.runtime.mode import param_shape
 from ds_lab.runtime.precision import DTYPES, cast_inputs_half, make_loss_scaler
 
 
-class DeepSpeedEngine(torch.nn.Module):
+class DeepSpeedEngine(EngineAPI, torch.nn.Module):
     def __init__(self, model, config: DeepSpeedConfig, grid, build_mode, optimizer=None, model_parameters=None,
                  lr_scheduler=None, training_data=None, collate_fn=None, mpu=None):
         """Built by `ds_lab.initialize`, which gives the process grid and `build_mode(module, param
@@ -59,6 +60,8 @@ class DeepSpeedEngine(torch.nn.Module):
         self.dp_group = grid.group("data")
         self.dp_world_size, self.dp_rank = grid.size("data"), grid.rank_in("data")
         self.device = comm.device()
+        self.local_rank = local_rank_from_env()  # DeepSpeed's three: LOCAL_RANK, the rank, the world size
+        self.global_rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.precision = config.precision
         ops.set_fused_kernels(config.fused_kernels is not False)  # null: kernels where GPU + CuPy, else torch
         self.global_steps = self.global_samples = self.micro_steps = self.skipped_steps = 0
@@ -71,7 +74,7 @@ class DeepSpeedEngine(torch.nn.Module):
         model.to(self.device)
         self._broadcast_model()
         groups = self._param_groups(optimizer, model_parameters)
-        # the mode takes the fp32 values for its masters before the model is cast to 2 bytes
+        # the mode copies its fp32 masters (from the values rounded to 2 bytes, as DeepSpeed) before the cast
         self.mode = build_mode(model, [params for params, _ in groups], grid, DTYPES[self.precision], self.device)
         self.optimizer = self._configure_optimizer(optimizer, groups, self.mode.optimizer_params)
         if self.precision != "fp32":
@@ -92,6 +95,8 @@ class DeepSpeedEngine(torch.nn.Module):
         self.mode.probe = self._probe  # the mode reports its own peak moments (buckets, fp32 grads)
         self.monitors = build_monitors(config, rank=comm.get_rank())
         comm.configure_logger(**dataclasses.asdict(config.comms_logger))
+        activation_checkpointing.configure_from(config, grid)  # the config's section; the grid's model axis
+        self.flops_profiler = FlopsProfiler.for_engine(self)  # None unless flops_profiler.enabled
 
     # ---- construction ----------------------------------------------------------------------------
     def _broadcast_model(self) -> None:
@@ -152,68 +157,6 @@ class DeepSpeedEngine(torch.nn.Module):
         return torch.utils.data.DataLoader(dataset, batch_size=self.train_micro_batch_size_per_gpu(),
                                            sampler=sampler, collate_fn=collate_fn, drop_last=True)
 
-    # ---- DeepSpeed's accessors -------------------------------------------------------------------
-    def train_batch_size(self) -> int:
-        return self.config.train_batch_size
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return self.config.train_micro_batch_size_per_gpu
-
-    def gradient_accumulation_steps(self) -> int:
-        return self.config.gradient_accumulation_steps
-
-    def is_gradient_accumulation_boundary(self) -> bool:
-        if self._boundary_override is not None:
-            return self._boundary_override
-        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
-
-    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
-        """DeepSpeed's manual override: the caller says which micro-step ends the accumulation
-        (set it before each forward/backward; the last one True), instead of counting micro-steps."""
-        self._boundary_override = bool(is_boundary)
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        """DeepSpeed's context: backward inside it keeps gradients local (no collective), so they
-        accumulate until a backward outside it synchronises them all. Stages 0 and 1 only: stages
-        2 and 3 keep no full local gradient to accumulate in."""
-        if not self.mode.supports_no_sync:
-            raise RuntimeError(f"no_sync is incompatible with gradient partitioning ({self.mode.name}, "
-                               f"ZeRO stage {self.mode.stage}); use ZeRO stage 0 or 1")
-        if self.inside_no_sync:
-            raise RuntimeError("no_sync contexts cannot be nested")
-        self.inside_no_sync = True
-        try:
-            yield
-        finally:
-            self.inside_no_sync = False
-
-    def zero_optimization_stage(self) -> int:
-        return self.mode.stage
-
-    @property
-    def zero(self):
-        """The ZeRO optimizer (the mode, when it is a ZeRO stage), as DeepSpeed's engine.optimizer is."""
-        return self.mode.zero_optimizer
-
-    @property
-    def reducer(self):
-        """Data parallel's bucketed all-reduce, for chapters that count its buckets."""
-        return getattr(self.mode, "reducer", None)
-
-    def get_lr(self) -> list:
-        return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
-
-    def get_global_grad_norm(self):
-        return self._global_grad_norm
-
-    def was_step_applied(self) -> bool:
-        return self._step_applied
-
-    @property
-    def loss_scale(self) -> float:
-        return self.loss_scaler.loss_scale if self.loss_scaler else 1.0
-
     # ---- training --------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         t0 = time.time()
@@ -232,11 +175,14 @@ class DeepSpeedEngine(torch.nn.Module):
         self._phase_done("forward", t0)
         return out
 
-    def backward(self, loss, retain_graph: bool = False, scale_wrt_gradient_accumulation_steps: bool = True):
+    def backward(self, loss, retain_graph: bool = False, scale_wrt_gas: bool = True):
+        """Returns the loss divided by the accumulation steps (scale_wrt_gas), before any fp16 loss
+        scaling, as DeepSpeed does."""
         t0 = time.time()
         self.losses.append(loss.detach().float())
-        if scale_wrt_gradient_accumulation_steps and self.gradient_accumulation_steps() > 1:
+        if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
             loss = loss / self.gradient_accumulation_steps()
+        gas_scaled_loss = loss
         if self.loss_scaler is not None:
             loss = loss.float() * self.loss_scaler.loss_scale
         boundary = self.is_gradient_accumulation_boundary() and not self.inside_no_sync
@@ -248,12 +194,13 @@ class DeepSpeedEngine(torch.nn.Module):
         if events.enabled():  # the wait is drawn apart, so overlap with backward stays visible
             events.span("grad sync wait", "comm", t_computed, time.time(), self.global_steps)
         self._phase_done("backward", t0, end=t_computed)
-        return loss
+        return gas_scaled_loss
 
     def zero_grad(self) -> None:
         self.mode.zero_grad()
 
-    def step(self) -> None:
+    def step(self, lr_kwargs=None) -> None:
+        """lr_kwargs: keyword arguments for the LR scheduler's step(), as DeepSpeed passes them."""
         if self.inside_no_sync:
             raise RuntimeError("engine.step() inside no_sync(): leave the context first (its gradients "
                                "are not synchronised yet), as DeepSpeed requires")
@@ -263,8 +210,10 @@ class DeepSpeedEngine(torch.nn.Module):
             if self.optimizer is None:
                 raise ConfigError("engine.step() needs an optimizer: pass optimizer= to initialize() "
                                   "or add an 'optimizer' section to the config")
-            self._take_model_step()
+            self._take_model_step(lr_kwargs)
         self.micro_steps += 1
+        if self.flops_profiler is not None:  # the profiled step: print its profile (rank 0)
+            self.flops_profiler.after_step()
         self._phase_done("step", t0, step)
 
     def _phase_done(self, phase: str, t0: float, step=None, end=None) -> None:
@@ -285,13 +234,13 @@ class DeepSpeedEngine(torch.nn.Module):
         peak = {c: v for c, v in self.last_peaks.items() if c not in ("total_at", "by_moment")}
         events.publish("memory", dict(step=step, phase=phase, time=t, bytes=snapshot, peak=peak))
 
-    def _take_model_step(self) -> None:
+    def _take_model_step(self, lr_kwargs=None) -> None:
         overflow = self.mode.step(self.loss_scale, self.config.gradient_clipping,
                                   check_overflow=self.loss_scaler is not None)
         if not overflow:
             self._global_grad_norm = self.mode.grad_norm
             if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
+                self.lr_scheduler.step(**(lr_kwargs or {}))
         if self.loss_scaler is not None:  # may raise (ZeRO, at the minimum scale) before counting, as DeepSpeed
             self.loss_scaler.update_scale(overflow)
         self.skipped_steps += int(overflow)
@@ -333,7 +282,7 @@ class DeepSpeedEngine(torch.nn.Module):
             "master_params": parts["master_params"],
             "optimizer_states": optimizer_state_tensors(self.optimizer),
             "buffers": parts.get("buffers", []) + self.mode.transient + list(self.module.buffers()),
-        })
+        }, host=getattr(self.mode, "host_tensors", list)())  # ZeRO-Offload's host-resident tensors
         report["activations"] = self.activations.live
         return report
 
@@ -359,6 +308,7 @@ class DeepSpeedEngine(torch.nn.Module):
         report = self._ledger()
         report["activations_peak"] = self.activations.peak
         report["padding_elements"] = self.mode.padding_elements()
+        report["placement"] = report.placement  # {category: {"host": bytes, "device": bytes}}
         report["peak"] = dict(self.last_peaks)
         allocator = cuda_allocator(self.device)
         if allocator:
@@ -368,18 +318,6 @@ class DeepSpeedEngine(torch.nn.Module):
     def num_parameters(self) -> int:
         """Ψ: counted from the parameters' real shapes (ZeRO-3 keeps only chunks in them)."""
         return sum(math.prod(param_shape(p)) for p in self.module.parameters())
-
-    # ---- checkpoints -----------------------------------------------------------------------------
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True):
-        return checkpoint.save(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest)
-
-    def load_checkpoint(self, load_dir, tag=None, load_module_strict: bool = True,
-                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
-                        load_module_only: bool = False):
-        return checkpoint.load(self, load_dir, tag=tag, strict=load_module_strict,
-                               load_optimizer_states=load_optimizer_states,
-                               load_lr_scheduler_states=load_lr_scheduler_states,
-                               load_module_only=load_module_only)
 
     def __getattr__(self, name):
         # unknown attributes go to the wrapped model, as DeepSpeed's engine does

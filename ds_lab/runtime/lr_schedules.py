@@ -18,6 +18,10 @@ A schedule writes ``param_group['lr']`` itself: once when it is built (with
 
 Before the first step (t = -1) WarmupLR/WarmupDecayLR hold min_lr and WarmupCosineLR holds 0.
 
+    LRRangeTest     lr = min_lr * (1 + step_rate * (t + 1) / step_size)   (floor of the fraction with staircase)
+    OneCycle        min_lr -> max_lr -> min_lr over one cycle, then decay; beta1 cycles the other way
+                    (its class docstring has the formulas)
+
 Source: deepspeed/runtime/lr_schedules.py (deepspeedai/DeepSpeed master, including #7969 and #8171:
 ``warmup_max_lr=None`` warms each param group up to its own lr). Our code is written fresh.
 ds_lab departs in two small ways: an unknown ``warmup_type`` raises ValueError (DeepSpeed logs a
@@ -224,7 +228,128 @@ class WarmupCosineLR(_Schedule):
         return [base_lr * ratio for base_lr in self.org_lrs]
 
 
-SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR}
+class LRRangeTest(_Schedule):
+    """Leslie Smith's LR range test: lr grows from ``lr_range_test_min_lr`` without bound.
+
+    lr = min_lr * (1 + step_rate * i),  i = (t + 1) / step_size, or floor of it with staircase.
+    """
+
+    def __init__(self, optimizer, lr_range_test_min_lr: LearningRates = 1e-3, lr_range_test_step_size: int = 2000,
+                 lr_range_test_step_rate: float = 1.0, lr_range_test_staircase: bool = False,
+                 last_batch_iteration: int = -1):
+        if isinstance(lr_range_test_step_size, bool) or not isinstance(lr_range_test_step_size, int) \
+                or lr_range_test_step_size <= 0:
+            raise ValueError(f"lr_range_test_step_size must be a positive integer, got {lr_range_test_step_size!r}")
+        self.optimizer = _param_groups_owner(optimizer)
+        self.min_lr = _per_group(lr_range_test_min_lr, self.optimizer, "lr_range_test_min_lr")
+        self.step_size, self.step_rate = lr_range_test_step_size, lr_range_test_step_rate
+        self.staircase = lr_range_test_staircase
+        self._start(last_batch_iteration)
+
+    def get_lr(self) -> list[float]:
+        interval = float(self.last_batch_iteration + 1) / self.step_size
+        if self.staircase:
+            interval = math.floor(interval)
+        return [low * (1 + self.step_rate * interval) for low in self.min_lr]
+
+
+class OneCycle(_Schedule):
+    """1Cycle: lr climbs min -> max over the first half-cycle and back over the second, then decays;
+    with ``cycle_momentum`` Adam's beta1 moves the opposite way (max -> min -> max).
+
+    Cycle (t < S1 + S2, S = S1 + S2): x = (t + 1) / S - floor(1 + (t + 1) / S) + 1;
+        scale = x / r on the way up (x <= r = S1 / S), (x - 1) / (r - 1) on the way down;
+        with a stair count n > 0, scale = floor(position * n) / n (lr and momentum move in n steps);
+        lr = min_lr + (max_lr - min_lr) * scale,  beta1 = max_mom - (max_mom - min_mom) * scale.
+    After it, d = t - S + 1:  lr = min_lr / (1 + decay_lr_rate * d / decay_step_size),
+        beta1 = max_mom * (1 + decay_mom_rate * d / decay_step_size); either stays at min_lr / max_mom
+        when its rate or decay_step_size is 0.
+    As DeepSpeed, momentum cycling writes ``betas = (beta1, 0.99)``: beta2 becomes 0.99. It is off,
+    with a warning, when the optimizer has no betas.
+    """
+
+    def __init__(self, optimizer, cycle_min_lr: LearningRates, cycle_max_lr: LearningRates, decay_lr_rate=0.,
+                 cycle_first_step_size=2000, cycle_second_step_size=None, cycle_first_stair_count=0,
+                 cycle_second_stair_count=None, decay_step_size=0, cycle_momentum=True, cycle_min_mom=0.8,
+                 cycle_max_mom=0.9, decay_mom_rate=0., last_batch_iteration=-1):
+        self.optimizer = _param_groups_owner(optimizer)
+        first = float(cycle_first_step_size)
+        second = float(cycle_second_step_size) if cycle_second_step_size is not None else first
+        if first <= 0 or second < 0:
+            raise ValueError(f"cycle_first_step_size must be positive and cycle_second_step_size non-negative, "
+                             f"got {cycle_first_step_size} and {cycle_second_step_size}")
+        self.first_step_size, self.second_step_size, self.total_size = first, second, first + second
+        self.step_ratio = first / self.total_size
+        self.first_stair_count = cycle_first_stair_count
+        self.second_stair_count = cycle_first_stair_count if cycle_second_stair_count is None \
+            else cycle_second_stair_count
+        self.decay_step_size = decay_step_size
+        no_decay = math.isclose(decay_step_size, 0)
+        self.min_lrs = _per_group(cycle_min_lr, self.optimizer, "cycle_min_lr")
+        self.max_lrs = _per_group(cycle_max_lr, self.optimizer, "cycle_max_lr")
+        self.decay_lr_rate = decay_lr_rate
+        self.skip_lr_decay = no_decay or math.isclose(decay_lr_rate, 0)
+        self.cycle_momentum = cycle_momentum and "betas" in getattr(self.optimizer, "defaults", {})
+        if cycle_momentum and not self.cycle_momentum:
+            warnings.warn(f"cycle_momentum is disabled because optimizer {type(self.optimizer).__name__} "
+                          "has no betas in its defaults")
+        self.decay_mom_rate = decay_mom_rate
+        self.skip_mom_decay = no_decay or math.isclose(decay_mom_rate, 0)
+        self.min_moms = _per_group(cycle_min_mom, self.optimizer, "cycle_min_mom")
+        self.max_moms = _per_group(cycle_max_mom, self.optimizer, "cycle_max_mom")
+        if self.cycle_momentum and last_batch_iteration == -1:
+            for group, momentum in zip(self.optimizer.param_groups, self.min_moms):
+                group["betas"] = (momentum, 0.99)
+        self._start(last_batch_iteration)
+
+    def _scale(self) -> float:
+        t = self.last_batch_iteration + 1
+        cycle = math.floor(1 + t / self.total_size)
+        x = 1. + t / self.total_size - cycle
+        if x <= self.step_ratio:
+            scale, stairs = x / self.step_ratio, self.first_stair_count
+        else:
+            scale, stairs = (x - 1) / (self.step_ratio - 1), self.second_stair_count
+        if stairs > 0:  # from the integer position, as DeepSpeed (a float scale can sit 1e-16 under a stair)
+            in_cycle = t % self.total_size
+            if in_cycle <= self.first_step_size:
+                position = in_cycle * stairs / self.first_step_size
+            else:
+                position = (self.total_size - in_cycle) * stairs / self.second_step_size
+            scale = math.floor(position) / stairs
+        return scale
+
+    def _decay_factor(self, rate: float) -> float:
+        return 1 + rate * ((self.last_batch_iteration - self.total_size + 1) / self.decay_step_size)
+
+    def get_lr(self) -> list[float]:
+        if self.last_batch_iteration < self.total_size:
+            scale = self._scale()
+            return [low + (high - low) * scale for low, high in zip(self.min_lrs, self.max_lrs)]
+        if self.skip_lr_decay:
+            return list(self.min_lrs)
+        return [low / self._decay_factor(self.decay_lr_rate) for low in self.min_lrs]
+
+    def get_mom(self):
+        """The (beta1, beta2) pairs this step writes, or None without momentum cycling."""
+        if not self.cycle_momentum:
+            return None
+        if self.last_batch_iteration < self.total_size:
+            scale = self._scale()
+            return [(high - (high - low) * scale, 0.99) for low, high in zip(self.min_moms, self.max_moms)]
+        if self.skip_mom_decay:
+            return [(high, 0.99) for high in self.max_moms]
+        return [(high * self._decay_factor(self.decay_mom_rate), 0.99) for high in self.max_moms]
+
+    def step(self, last_batch_iteration: Optional[int] = None) -> None:
+        super().step(last_batch_iteration)
+        if self.cycle_momentum:
+            for group, betas in zip(self.optimizer.param_groups, self.get_mom()):
+                group["betas"] = betas
+
+
+SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR,
+              "OneCycle": OneCycle, "LRRangeTest": LRRangeTest}
 
 
 def build_scheduler(scheduler_config: SchedulerConfig, optimizer) -> _Schedule:

@@ -55,7 +55,7 @@ class GradientMode:
     name = "mode"
     stage = 0  # DeepSpeed's ZeRO stage number, for checkpoints and reports
     split_axes: tuple = ()  # grid axes over which this mode partitions gradients (ZeRO: "data")
-    zero_optimizer = None  # a ZeRO mode is its own ZeRO optimizer (engine.zero, as in DeepSpeed)
+    zero_optimizer = None  # a ZeRO mode is its own ZeRO optimizer (engine.zero_optimizer)
     supports_no_sync = False  # True: a full local gradient exists to accumulate in (engine.no_sync)
     # DeepSpeed's loss scaler behaves differently at stage 0 and under ZeRO (runtime/precision.py)
     loss_scaler_options: dict = {}
@@ -147,7 +147,7 @@ class GradientMode:
         self.grad_norm = norm.item()
         grads = [m.grad for m in self.masters if m.grad is not None]
         if clip > 0:  # clip_grad_norm_'s float32 coefficient, times 1/scale
-            torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0) / loss_scale)
+            torch._foreach_mul_(grads, (torch.clamp(clip / (norm + 1e-6), max=1.0) / loss_scale).to(grads[0].device))
         elif loss_scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / loss_scale)
         self.optimizer.step()

@@ -23,12 +23,37 @@ does all of the above; stage 0's fp16 optimizer has no hysteresis (every overflo
 skipping every overflowing step. `fp16.loss_scale` > 0 is a static scale: never changed,
 overflowing steps still skipped.
 bf16 has fp32's exponent range: no scaling needed.
+
+fp32 master weights start from the 2-byte values, as DeepSpeed's do: its engine casts the module to
+bf16/fp16 before its optimizer copies the masters from it, so master = fp32(bf16(w)). Taken from w
+itself, a master starts up to half an ulp away and the updated weights round differently from the
+first step on (`master_values`).
+
+Gradient accumulation across micro-steps (DeepSpeed's `data_types.grad_accum_dtype`, default: the
+model's dtype): by default gradients accumulate in the 2-byte dtype at every stage, as DeepSpeed's
+do. With `"fp32"` (ZeRO only): ZeRO-1 adds each micro-step's gradient into an fp32 buffer, averaged
+over the ranks at the boundary (DeepSpeed's BF16_Optimizer, zero/stage1.py); ZeRO-2/3 add each
+micro-step's averaged gradient into fp32 shards (zero/stage2.py). `accumulation_dtype` reads the key.
+At stage 0, bf16/fp16 also take DeepSpeed's zero-gradient optimizer step at init (data_parallel.py).
+tests/test_examples.py checks all of it against DeepSpeed 0.19.8, bit for bit.
 """
 from __future__ import annotations
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def master_values(tensors, model_dtype) -> list:
+    """The values the fp32 masters are copied from: each tensor rounded to the model's dtype (a
+    no-op in fp32), so that master = fp32(bf16(w)) exactly as in DeepSpeed."""
+    return [t.detach().to(model_dtype) for t in tensors]
+
+
+def accumulation_dtype(data_types_config):
+    """`data_types.grad_accum_dtype` as a torch dtype; None (DeepSpeed's default) means the model's."""
+    name = data_types_config.grad_accum_dtype
+    return None if name is None else DTYPES[name]
 
 
 class LossScaleAtMinimumError(RuntimeError):

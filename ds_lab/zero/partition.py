@@ -23,6 +23,10 @@ The step is the engine's one step (`runtime/mode.py`); what ZeRO gives it:
   - the optimizer updates the fp32 shard only
   - `publish_params`: the updated shard, cast to the model dtype, is all-gathered back into the
     full parameters (stage 3 keeps it as the rank's parameter shard instead: no all-gather)
+
+With `offload_optimizer` (`offload.py`) the master shards, their fp32 gradients and the optimizer
+states are host buffers: the gradient shard is copied to the host for the step, and each updated
+master chunk copied back to the device before its all-gather.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ import torch
 
 from ds_lab import comm
 from ds_lab.runtime.mode import GradientMode, copies_along, param_shape
+from ds_lab.runtime.precision import master_values
+from ds_lab.zero.offload import Offload, host_tensors, to_device
 
 
 class Unit:
@@ -95,22 +101,27 @@ class ZeroOptimizerBase(GradientMode):
     # DeepSpeed's ZeRO optimizers use hysteresis and refuse to go below min_loss_scale
     loss_scaler_options = dict(use_hysteresis=True, raise_below_minimum=True)
 
-    def __init__(self, module, groups: list, units: list, grid, model_dtype, device):
+    def __init__(self, module, groups: list, units: list, grid, model_dtype, device, offload=None):
         super().__init__(grid, device)
         self.module, self.units = module, units
         self.model_dtype = model_dtype
+        self.offload = offload or Offload()
         shard_sizes = [0] * len(groups)
         for unit in units:
             unit.shard_offset = shard_sizes[unit.group]
             shard_sizes[unit.group] += unit.chunk
-        # the fp32 master shards, taken from the parameters' values *before* any cast to 2 bytes
+        # the fp32 master shards, copied from the parameters' values rounded to the model's dtype
         self.masters = []
         for g, size in enumerate(shard_sizes):
-            master = torch.zeros(size, dtype=torch.float32, device=device)
+            master = self.offload.host_zeros(size, torch.float32) if self.offload.optimizer else \
+                torch.zeros(size, dtype=torch.float32, device=device)
             for unit in (u for u in units if u.group == g):
                 master[unit.shard_offset:unit.shard_offset + unit.chunk] = \
-                    unit.flatten(self.unit_values(unit), torch.float32)[unit.mine]
+                    unit.flatten(master_values(self.unit_values(unit), model_dtype), torch.float32)[unit.mine]
             self.masters.append(torch.nn.Parameter(master))
+        # offload_optimizer: the fp32 gradient of each shard, a host buffer kept for every step
+        self.host_grads = [self.offload.host_zeros(m.numel(), torch.float32) for m in self.masters] \
+            if self.offload.optimizer else []
         self.copy_masks = self._copy_masks()
 
     def _copy_masks(self) -> list:
@@ -125,9 +136,9 @@ class ZeroOptimizerBase(GradientMode):
                 continue
             by_axes = {}
             for axes in kinds:
-                mask = torch.zeros(master.numel(), dtype=torch.bool, device=self.device)
+                mask = torch.zeros(master.numel(), dtype=torch.bool, device=master.device)
                 for unit in units:
-                    flags = torch.zeros(unit.padded, dtype=torch.bool, device=self.device)
+                    flags = torch.zeros(unit.padded, dtype=torch.bool, device=master.device)
                     for p, offset, shape in zip(unit.params, unit.offsets, unit.shapes):
                         flags[offset:offset + math.prod(shape)] = copies_along(p)[1:] == axes
                     mask[unit.shard_offset:unit.shard_offset + unit.chunk] = flags[unit.mine]
@@ -164,7 +175,10 @@ class ZeroOptimizerBase(GradientMode):
 
     def prepare_master_grads(self) -> list:
         for g, master in enumerate(self.masters):  # fp32 gradient of the shard, only for the step
-            master.grad = self.grad_shard(g).float()
+            if self.offload.optimizer:  # device -> host, into the shard's host gradient buffer
+                master.grad = self.host_grads[g].copy_(self.grad_shard(g))
+            else:
+                master.grad = self.grad_shard(g).float()
         # a shard is split over data ranks; along the other axes each element is split or copied as
         # its parameter is (a tensor-parallel slice is split over model ranks, a tied one copied over pipe)
         pieces = []
@@ -173,18 +187,28 @@ class ZeroOptimizerBase(GradientMode):
                 pieces.append((m.grad if mask is None else m.grad * mask, axes))
         return pieces
 
+    def release_master_grads(self) -> None:
+        if not self.offload.optimizer:  # offloaded, the host gradient buffer stays for the next step
+            super().release_master_grads()
+
     def publish_params(self) -> None:
         """Updated master chunks -> full model parameters, by one all-gather per unit."""
         handles, self.transient = [], []
         with comm.tag("param_allgather"):
             for unit in self.units:
-                self.transient.append(self.master_chunk(unit).to(self.model_dtype))
+                self.transient.append(self.device_chunk(unit))
                 handles.append(self.gather_into(unit, self.transient[-1]))
         self.probe("step: all-gather of the updated shards")
         for h in handles:
             if h is not None:
                 h.wait()
         self.transient = []
+
+    def device_chunk(self, unit) -> torch.Tensor:
+        """The updated master chunk on the device, in the model dtype (offloaded: a host -> device copy)."""
+        if self.offload.optimizer:
+            return to_device(self.master_chunk(unit), self.device, self.model_dtype)
+        return self.master_chunk(unit).to(self.model_dtype)
 
     def gather_into(self, unit, chunk, async_op=True):
         """All-gather every rank's `chunk` of `unit` into its whole flat parameter vector
@@ -194,6 +218,10 @@ class ZeroOptimizerBase(GradientMode):
     # ---- measurement and state -------------------------------------------------------------------
     def ledger_categories(self) -> dict:
         raise NotImplementedError
+
+    def host_tensors(self) -> list:
+        """What this mode keeps in host memory (offload), for the ledger's host/device placement."""
+        return host_tensors(self)
 
     def param_names(self) -> dict:
         names = {}
@@ -245,9 +273,9 @@ class ZeroOptimizerBase(GradientMode):
             else:
                 flat = torch.zeros(unit.padded, dtype=torch.float32, device=self.device)
                 if keep_current:
-                    comm.all_gather(flat, self.master_chunk(unit).contiguous(), group=self.dp_group)
+                    comm.all_gather(flat, self.master_chunk(unit).to(self.device), group=self.dp_group)
                 for p, view in zip(unit.params, unit.views(flat)):
                     if names[p] in by_name:
                         view.copy_(by_name[names[p]].reshape(view.shape))
             parts.append(flat[unit.mine])
-        return torch.cat(parts).to(self.device)
+        return torch.cat(parts).to(self.masters[group].device)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ds_lab import comm
+from ds_lab.runtime.grad_reduce import GradientReduction
 from ds_lab.runtime.ready import ReadyInOrder
 from ds_lab.zero.partition import ZeroOptimizerBase
 
@@ -44,7 +45,9 @@ def coalesce(units: list, bucket_size: int) -> list:
 
 class ZeroStage2(ZeroOptimizerBase):
     stage = 2
+    reduction = GradientReduction()  # modes.py sets the config's wire dtype (runtime/grad_reduce.py)
     reduce_every_micro_step = True
+    grad_accum_dtype = None  # data_types.grad_accum_dtype (modes.py): the shards' dtype; None: the model's
     # units sent together in one reduce-scatter, up to this many elements; stage 2's units already are
     # `reduce_bucket_size` buckets (partition.py), stage 3's are modules and get coalesced (stage3.py)
     reduce_bucket_size = 0
@@ -59,7 +62,8 @@ class ZeroStage2(ZeroOptimizerBase):
 
     def attach_gradient_shards(self, backward_order: list) -> None:
         """Gradient shards, and a reduce-scatter per bucket of units as soon as backward has their gradients."""
-        self.grad_shards = [torch.zeros_like(m, dtype=self.model_dtype) for m in self.masters]
+        accum_dtype = self.grad_accum_dtype or self.model_dtype  # fp32: each averaged micro-step is added in fp32
+        self.grad_shards = [torch.zeros_like(m, dtype=accum_dtype, device=self.device) for m in self.masters]
         self.pending, self.in_flight = [], {}
         self.slot = {p: (unit, offset) for unit in self.units for p, offset in zip(unit.params, unit.offsets)}
         self.buckets = coalesce(backward_order, self.reduce_bucket_size)
@@ -106,9 +110,9 @@ class ZeroStage2(ZeroOptimizerBase):
             u.bucket = None
         flat = flats[0] if len(units) == 1 else torch.cat([f.view(self.world_size, -1) for f in flats], dim=1).view(-1)
         self.retire()
+        flat = self.reduction.before_reduce_scatter(flat, self.world_size)  # cast to the wire dtype, / N
         self.in_flight[id(flat)] = flat
-        flat.div_(self.world_size)
-        out = torch.empty(sum(u.chunk for u in units), dtype=self.model_dtype, device=self.device)
+        out = torch.empty(sum(u.chunk for u in units), dtype=flat.dtype, device=self.device)
         with comm.tag("grad_reduce_scatter"):
             handle = comm.reduce_scatter(out, flat, group=self.dp_group, async_op=True)
         self.pending.append((units, out, handle, flat))

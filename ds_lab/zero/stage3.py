@@ -41,6 +41,7 @@ How many collectives carry that: with the defaults (buckets larger than a small 
 step issues two all-gathers in forward (the first module's, then everything prefetched), two in
 backward, one reduce-scatter and one all-gather of the persistent units, where one per module and
 pass would be dozens (each costs a fixed latency).
+`offload_param` keeps the parameter chunks in host memory, `offload_optimizer` the masters (`offload.py`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import torch
 from ds_lab import comm
 from ds_lab.monitor.memory import storage_key
 from ds_lab.zero.init import forget_init_shards
+from ds_lab.zero.offload import Offload, send_buffer, to_device
 from ds_lab.zero.stage3_units import _Gathering, _GatheringParameters, _tensors, module_units
 from ds_lab.zero.stage2 import ZeroStage2
 
@@ -62,7 +64,7 @@ class ZeroStage3(ZeroStage2):
     @classmethod
     def build(cls, zero_config, module, groups, grid, model_dtype, device):
         units, needs = module_units(module, groups, grid.size("data"), grid.rank_in("data"))
-        self = cls(module, groups, units, grid, model_dtype, device)
+        self = cls(module, groups, units, grid, model_dtype, device, Offload.from_config(zero_config))
         forget_init_shards(module)
         self.needs = needs
         self.prefetch_elements = zero_config.stage3_prefetch_bucket_size
@@ -92,14 +94,19 @@ class ZeroStage3(ZeroStage2):
         self.unit_of = {p: unit for unit in self.units for p in unit.params}
         for unit in self.units:
             unit.persistent = unit.numel < self.persistence_threshold
-            # in fp32 the parameter chunk *is* the master chunk (no copy to keep or refresh)
-            unit.shard = self.master_chunk(unit).to(self.model_dtype)
+            # in fp32 the parameter chunk *is* the master chunk (no copy to keep or refresh), unless
+            # one of them is offloaded: then the chunk is a copy, on the host under offload_param
+            if self.offload.params != self.offload.optimizer:
+                unit.shard = self.offload.to_host(self.master_chunk(unit), self.model_dtype) if self.offload.params \
+                    else to_device(self.master_chunk(unit), self.device, self.model_dtype)
+            else:
+                unit.shard = self.master_chunk(unit).to(self.model_dtype)
             unit.flat, unit.handle, unit.done = None, None, False
             for p, shape in zip(unit.params, unit.shapes):
                 p.ds_zero, p.ds_shape = self, shape  # the real shape, once .data is only a chunk
             if unit.persistent:
                 unit.flat = torch.empty(unit.padded, dtype=self.model_dtype, device=self.device)
-                comm.all_gather(unit.flat, unit.shard, group=self.dp_group)
+                comm.all_gather(unit.flat, send_buffer(self, [unit]), group=self.dp_group)
                 self._point_params(unit)
             else:
                 self._release(unit)
@@ -143,7 +150,7 @@ class ZeroStage3(ZeroStage2):
         if not units:
             return
         whole = torch.empty(self.world_size, sum(u.chunk for u in units), dtype=self.model_dtype, device=self.device)
-        shards = units[0].shard if len(units) == 1 else torch.cat([u.shard for u in units])
+        shards = send_buffer(self, units)  # offload_param: copied host -> device, dropped after use
         with comm.tag("param_allgather"):
             handle = comm.all_gather(whole.view(-1), shards, group=self.dp_group, async_op=True)
         gathering = _Gathering(units, handle, whole)
@@ -318,7 +325,7 @@ class ZeroStage3(ZeroStage2):
             whole = torch.empty(self.world_size, sum(u.chunk for u in persistent), dtype=self.model_dtype,
                                 device=self.device)
             with comm.tag("param_allgather"):
-                comm.all_gather(whole.view(-1), torch.cat([u.shard for u in persistent]), group=self.dp_group)
+                comm.all_gather(whole.view(-1), send_buffer(self, persistent), group=self.dp_group)
             for unit, part in zip(persistent, whole.split([u.chunk for u in persistent], dim=1)):
                 unit.flat.view(self.world_size, unit.chunk).copy_(part)
 
@@ -335,7 +342,7 @@ class ZeroStage3(ZeroStage2):
         out = {}
         for unit in self.units:
             flat = torch.empty(unit.padded, dtype=torch.float32, device=self.device)
-            comm.all_gather(flat, self.master_chunk(unit).contiguous(), group=self.dp_group)
+            comm.all_gather(flat, self.master_chunk(unit).to(self.device), group=self.dp_group)
             for p, view in zip(unit.params, unit.views(flat)):
                 out[names[p]] = view.clone()
         state = {k: v.float() for k, v in self.module.state_dict().items() if v.numel() > 0}
@@ -359,7 +366,7 @@ class ZeroStage3(ZeroStage2):
             flat = unit.flat
             if flat is None:
                 flat = torch.empty(unit.padded, dtype=self.model_dtype, device=self.device)
-                comm.all_gather(flat, unit.shard, group=self.dp_group)
+                comm.all_gather(flat, send_buffer(self, [unit]), group=self.dp_group)
             for p, view in zip(unit.params, unit.views(flat)):
                 p.data, p.grad = view.clone(), None
                 del p.ds_zero, p.ds_shape
