@@ -60,36 +60,29 @@
 #   rank again has the whole bf16 model. Per rank that is 2(N−1)/N × 2Ψ bytes, exactly what data
 #   parallelism's all-reduce sends. Memory saved at no extra traffic. (Stage 1 still accumulates
 #   the whole gradient locally; stage 2 frees each gradient bucket as soon as it is
-#   reduce-scattered.)
+#   reduce-scattered.) That is the paper's design, and ds_lab's. **DeepSpeed's own stages 1 and 2
+#   do not do this by default**: with `use_multi_rank_bucket_allreduce: true` (the default in
+#   `deepspeed/runtime/zero/config.py`), `average_tensor` in `deepspeed/runtime/zero/stage_1_and_2.py`
+#   sends each gradient bucket through `allreduce_and_scatter`, an **all-reduce** (every rank receives
+#   the whole averaged bucket and keeps its part), and `step` then all-gathers the updated 16-bit
+#   parameters (`all_gather_dp_groups`): 2(N−1)/N + (N−1)/N, **1.5×** data parallelism's bytes, as
+#   much as stage 3. With the key false it sends each rank's slices to their owner with `reduce`
+#   instead. ds_lab follows the paper (1×); we measure ds_lab's below.
 # - **stage 3**: the whole parameters of a module exist only while that module runs. A forward
 #   pre-hook all-gathers its parameters, and a post-hook frees them. Backward needs them again,
 #   so they are all-gathered a second time. Then the gradients are reduce-scattered. After the
 #   step each rank simply keeps its updated chunk: no all-gather. That is 3(N−1)/N × 2Ψ, **1.5×**
-#   data parallelism (the paper's 3Ψ vs 2Ψ).
+#   data parallelism (the paper's 3Ψ vs 2Ψ). DeepSpeed (and ds_lab) can skip some of the second
+#   gathers: `stage3_max_reuse_distance` keeps a module's parameters gathered when they will be
+#   used again soon, and its default, 10⁹ elements, is larger than this whole model, so by default
+#   a small model sends less than 1.5×. To see the paper's "gathered twice" we set it to **0** in
+#   every run of this chapter, and measure the default at the end.
 #
-# > **Where the article is wrong or misleading**
-# >
-# > - §2.2 calls ZeRO "an optimizer". It is a way of *storing* any optimizer's state, partitioned
-# >   over the data-parallel ranks. Adam's arithmetic is unchanged, and we check below that every
-# >   stage trains to the same losses as plain data parallelism.
-# > - §2.2 says ZeRO removes "redundant gradient and parameter storage", and lists stage 2 as
-# >   partitioning the gradients and stage 3 the parameters, as if each stage did one thing. The
-# >   largest redundancy is the optimizer state (12 of the 16 bytes per parameter), which stage 1
-# >   removes. The stages are cumulative.
-# > - §4.3 says that with P GPUs stage 1 leaves each GPU "1/P of the optimizer states". True, but
-# >   the GPU still holds 4Ψ of weights and gradients, so its memory is 4Ψ + 12Ψ/P, and the cut is
-# >   at most 4×, not P×. The 12 includes the fp32 master copy of the weights, which the article
-# >   never mentions.
-# > - §3.2 lists parameters, then gradients, then optimizer states, the reverse of the stages. It
-# >   also says ZeRO "transmits only the necessary parameters, gradients and optimizer states,
-# >   avoiding redundant communication". ZeRO never sends optimizer states. Stages 1 and 2 send
-# >   exactly what data parallelism sends, and stage 3 sends 1.5× more. ZeRO buys memory with
-# >   (at most 1.5×) communication. It does not reduce communication.
-# > - §3.1's `engine.zero.Init(module=model)` after `initialize` is not how Init works. We run it
-# >   below, and fix it.
+# What the article gets wrong about all this is collected after the measurements.
 
 # %%
 # %matplotlib inline
+import inspect
 import statistics
 
 import torch
@@ -101,8 +94,10 @@ from ds_lab import comm
 from ds_lab.data import DistributedLoader, corpus_tokens
 from ds_lab.lab import (STATES, ConstructionProbe, bucket_sizes, global_losses, model_states,
                         own_parameter_counts, padded, padded_sizes, states_vs_formula_table, zero_train)
+from ds_lab.lab.zero_by_hand import engine_stage1, one_process, zero1_by_hand
 from ds_lab.models import GPT, GPTConfig
 from ds_lab.monitor import Dashboard
+from ds_lab.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from ds_lab.zero import GatheredParameters
 from ds_lab.zero.estimate import (estimate_ledger, estimate_model_states, format_table, format_what_fits,
                                   formula, what_fits)
@@ -114,7 +109,7 @@ GLOBAL_BATCH = 8           # sequences per optimizer step, 2 per rank
 STEPS = 4
 # reduce_bucket_size in elements (stages 0-2 reduce bucket by bucket). DeepSpeed's default, 5e8,
 # is larger than every model in this course: one bucket, nothing to overlap, nothing to free early
-# at stage 2. 100,000 cuts this model into about twenty buckets, as 5e8 cuts a model of billions.
+# at stage 2. 100,000 cuts this model into 13 buckets, as 5e8 cuts a model of billions.
 BUCKET = 100_000
 PSI = GPT(GPTConfig(**MODEL)).num_parameters()
 TAGS = ["grad_allreduce", "grad_reduce_scatter", "param_allgather"]  # the collectives ZeRO changes
@@ -155,9 +150,12 @@ def config(stage, precision="bf16", **zero):
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
             "bf16": {"enabled": precision == "bf16"},
             # persistence threshold 0: stage 3 partitions every parameter, even a LayerNorm's
-            # (DeepSpeed's default keeps tensors under 100,000 elements whole on every rank)
+            # (DeepSpeed's default keeps tensors under 100,000 elements whole on every rank);
+            # reuse distance 0: stage 3 releases every module after use, so backward gathers it
+            # again (DeepSpeed's default, 1e9, keeps what is reused soon: the last section)
             "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET,
-                                  "stage3_param_persistence_threshold": 0, **zero}}
+                                  "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+                                  **zero}}
 
 
 print(f"Ψ = {PSI:,} parameters, N = {WORLD} ranks, global batch {GLOBAL_BATCH} x {MODEL['block_size']} tokens")
@@ -171,14 +169,14 @@ print(f"{len(BUCKETS)} gradient buckets, {len(PADDED)} modules with parameters; 
 # builds the GPT (the same seed on every rank), wraps it with `ds_lab.initialize`, and trains
 # `STEPS` optimizer steps on the same global batches. Only `zero_optimization.stage` changes from
 # run to run. The worker records, per step, which collectives ran (`ds_lab.comm` tags each
-# record: `grad_allreduce`, `grad_reduce_scatter`, `param_allgather`), the size of each message
-# and the bytes each rank sent. At the end it reads the engine's memory ledger, which counts the
+# record: `grad_allreduce`, `grad_reduce_scatter`, `param_allgather`), the size of each message,
+# and every other collective of the step, untagged ones included. At the end it reads the engine's memory ledger, which counts the
 # tensors the engine holds, each storage once, and it takes a **census**: every bf16 and fp32
 # tensor alive in the rank's process, found by the garbage collector, whether the engine knows
 # about it or not.
 #
 # Each run has its own dashboard. Its memory panel draws each rank's bytes (solid) beside
-# `estimate_ledger(Ψ, N, stage)` (hatched), and its comm panel draws the bytes sent beside the
+# `estimate_ledger(Ψ, N, stage)` (hatched), and its comm panel draws the ring-model bytes sent beside the
 # theory's bytes per step (dashed) times the steps run. Watch the memory bars shrink from stage
 # to stage. In the comm panel, the `broadcast` above the dashed line is sent once, at start-up:
 # `initialize` broadcasts rank 0's fp32 weights (4Ψ) so that every rank starts from the same
@@ -196,6 +194,55 @@ runs = {}  # stage -> every rank's result (bf16)
 # %%
 dash = Dashboard("Stage 0 (data parallel), 4 ranks, bf16", theory=theory(0))
 runs[0] = ds_lab.launch(zero_train, WORLD, config(0), batches, MODEL, dashboard=dash)
+
+# %% [markdown]
+# ### ZeRO-1 by hand, before the engine's
+#
+# Stage 1 is small enough to write out. Every rank runs the same function: a forward and backward
+# on its micro-batch, as in data parallelism; then the flat fp32 vector of all gradients goes
+# through a **reduce-scatter**, so this rank receives its chunk of the average and nothing else;
+# **Adam steps on that chunk alone** (so its *m* and *v* are Ψ/N long); an **all-gather** of the
+# updated chunks gives every rank the whole model again. The vector is padded to a multiple of N,
+# so every chunk has the same length. This is the function (`ds_lab/lab/zero_by_hand.py`):
+
+# %%
+print(inspect.getsource(zero1_by_hand))
+
+# %% [markdown]
+# We run it on 2 ranks in fp32, then the engine's stage 1 on the same model and batches
+# (`engine_stage1`: `"zero_optimization": {"stage": 1}`, gradient clipping off, since DeepSpeed's
+# default clips at 1.0 and the hand version does not), then one process on the whole global batch
+# with torch's Adam (`one_process`).
+
+# %%
+HAND_RANKS = 2
+hand = ds_lab.launch(zero1_by_hand, HAND_RANKS, batches, MODEL)
+by_engine = ds_lab.launch(engine_stage1, HAND_RANKS, batches, MODEL)
+alone = ds_lab.launch(one_process, 1, batches, MODEL)[0]   # in a process of its own, like the others
+chunk = hand[0]["chunk"]
+print(f"Adam's state on each rank: {hand[0]['adam_state_elements']:,} elements = 2 x {chunk:,} (m and v of Ψ/N), "
+      f"not 2Ψ = {2 * PSI:,}")
+print(f"per step, rank 0 handed to the collectives: {hand[0]['records'][:2]} (bytes): the padded fp32 vector, "
+      f"4 x {HAND_RANKS} x {chunk:,}")
+print(f"weights after {STEPS} steps: by hand == engine's stage 1, bit for bit: "
+      f"{torch.equal(hand[0]['weights'], by_engine[0]['weights'])}; "
+      f"largest difference to one process: {(hand[0]['weights'] - alone['weights']).abs().max():.1e}")
+# exact where it can be: the same arithmetic as the engine, in the same order
+assert all(torch.equal(h["weights"], e["weights"]) for h, e in zip(hand, by_engine))
+assert all(h["losses"] == e["losses"] for h, e in zip(hand, by_engine))
+assert hand[0]["adam_state_elements"] == 2 * chunk and chunk * HAND_RANKS == padded(PSI, HAND_RANKS)
+assert hand[0]["records"] == [("reduce_scatter", 4 * HAND_RANKS * chunk), ("all_gather", 4 * HAND_RANKS * chunk)] * STEPS
+# one process adds the two halves of the batch in another order: equal to fp32 rounding
+assert (hand[0]["weights"] - alone["weights"]).abs().max() < 1e-4
+# free the weights received from the ranks: the zero.Init measurement below samples every fp32
+# tensor of a rank forked from this process, and these would be inherited by it
+del hand, by_engine, alone
+
+# %% [markdown]
+# The engine's stage 1 is this loop, organised: the flat vector is cut into buckets that are
+# reduce-scattered while backward is still running, the weights and gradients are views into
+# them, the optimizer's state is counted in the memory ledger, and mixed precision keeps an fp32
+# master chunk beside bf16 weights. The arithmetic is the same, to the bit.
 
 # %% [markdown]
 # ### Stage 1: partition the optimizer states
@@ -225,10 +272,13 @@ runs[2] = ds_lab.launch(zero_train, WORLD, config(2), batches, MODEL, dashboard=
 # It is all-gathered just before its forward and freed right after. It is gathered again just
 # before its backward, and its gradients are reduce-scattered as soon as they exist.
 #
-# The model is **untied** (`tie_weights=False`). With tied weights `lm_head` reuses the token
-# embedding's matrix, so the unit that holds it is gathered by two modules, once for the
-# embedding and once for the head, in forward and again in backward. That costs one extra gather
-# of the embedding each way, and the traffic is then a little more than 1.5×.
+# The model is **untied** (`tie_weights=False`). With tied weights `lm_head` reads the token
+# embedding's matrix, which belongs to the embedding's unit. In forward that unit is gathered
+# twice: for the embedding (first module) and again for the head (last), released in between.
+# In backward it is gathered only once: the head's backward gathers it, and it stays gathered
+# until its gradient is complete, which is after the embedding's backward (the last one). So a
+# tied model pays **one extra forward gather of the embedding**, V·h elements, and no more: we
+# measure it below.
 
 # %%
 dash = Dashboard("Stage 3 (+ parameters partitioned), 4 ranks, bf16", theory=theory(3))
@@ -343,9 +393,22 @@ for rank, (whole, left, shapes) in enumerate(converted):
 #
 # Under stage 3 a parameter outside its module's forward is an empty tensor. To read it, or to
 # change it (load a pretrained row, re-initialize a layer), gather it for the duration of a
-# block. With `modifier_rank=r`, rank *r*'s values are broadcast on exit and partitioned again,
-# and the fp32 master chunks follow. Without it, the block is read-only: changes are thrown
-# away.
+# block. With `modifier_rank=r`, rank *r*'s values are broadcast on exit and partitioned again.
+# Without it, the block is read-only.
+#
+# Here ds_lab and DeepSpeed differ, and ds_lab is the better of the two:
+#
+# - **The fp32 master.** DeepSpeed's `GatheredParameters._exit`
+#   (`deepspeed/runtime/zero/partition_parameters.py`) broadcasts the 16-bit parameter and
+#   re-partitions *it*. The optimizer's fp32 master chunk is not refreshed, so the next
+#   `engine.step()` writes the old master over the edit (a known DeepSpeed issue). DeepSpeed's
+#   documented route to change a trained weight is `deepspeed.utils.safe_set_full_fp32_param`
+#   (with `safe_get_full_fp32_param`, `safe_get_full_optimizer_state`,
+#   `safe_set_full_optimizer_state`, `safe_get_full_grad`). ds_lab refreshes the fp32 master
+#   chunks on exit, so the edit survives the step, and it also provides the same functions as
+#   `ds_lab.utils.safe_*` (the demo reads the master with one, and writes a row with another).
+# - **A change without `modifier_rank`.** DeepSpeed 0.19.8 detects the in-place change and raises
+#   a `RuntimeError` ("use modifier_rank=<rank>"); ds_lab silently drops it (rank 1 tries below).
 
 # %%
 def gathered_parameters_demo():
@@ -368,7 +431,10 @@ def gathered_parameters_demo():
                 weight[1].fill_(1.0)
     with GatheredParameters(weight):
         out["row1_after"] = weight[1].float().clone()
-    out["master_row0"] = engine.zero_optimizer.full_state_dict()["lm_head.weight"][0]  # the fp32 master followed
+    out["master_row0"] = safe_get_full_fp32_param(weight)[0]   # the fp32 master followed (collective)
+    safe_set_full_fp32_param(weight, torch.full(out["inside"], 2.0))  # DeepSpeed's route: every rank, same value
+    with GatheredParameters(weight):
+        out["after_safe_set"] = weight.float().unique().tolist()
     out["after"] = tuple(weight.shape)
     return out
 
@@ -377,7 +443,8 @@ gathered = ds_lab.launch(gathered_parameters_demo, WORLD)
 for rank, r in enumerate(gathered):
     print(f"rank {rank}: shape outside {r['outside']}, inside {r['inside']}, after {r['after']}; "
           f"row 0 = {r['row0'].unique().tolist()}, fp32 master row 0 = {r['master_row0'].unique().tolist()}; "
-          f"rank 1's change kept: {torch.equal(r['row1_after'], torch.ones_like(r['row1_after']))}")
+          f"rank 1's change kept: {torch.equal(r['row1_after'], torch.ones_like(r['row1_after']))}; "
+          f"after safe_set_full_fp32_param(weight, 2.0): {r['after_safe_set']}")
 
 
 # %% [markdown]
@@ -432,23 +499,26 @@ plt.show()
 #
 # ### Traffic and time per step
 #
-# The collectives of the last step on rank 0. "wire" is the bytes one rank sends under the ring
-# algorithm (`CommRecord.wire_bytes` = message bytes × (N−1)/N for a reduce-scatter or
-# all-gather, 2(N−1)/N for an all-reduce). gloo does not report what it sends, so that factor is
-# applied by `ds_lab.comm`; what is measured is each message, the tensor handed to the
-# collective, and the assertions check those. Step times are the median over steps 2 to 4.
+# The collectives of the last step on rank 0. What `ds_lab.comm` measures is each **message**: the
+# tensor handed to a collective, in bytes (the nccl-tests size: the whole input of a
+# reduce-scatter, the whole output of an all-gather). gloo does not report what it sends, so the
+# bytes one rank puts on the wire are a model: **ring-model bytes** = message bytes × (N−1)/N for
+# a reduce-scatter or all-gather, × 2(N−1)/N for an all-reduce (`CommRecord.wire_bytes`). Chapter 2
+# checked that model against a ring all-reduce built from `send`/`recv`
+# (`ds_lab.comm.ring.ring_all_reduce`), which counts what it really sends. The assertions below
+# check the messages, which are measured. Step times are the median over steps 2 to 4.
 
 # %%
 def median_ms(results):
     return 1e3 * statistics.median(results[0]["step_seconds"][1:])  # skip the first (warm-up) step
 
 
-wire = {stage: sum(results[0]["wire"][-1].values()) for stage, results in runs.items()}
-print(f"{'stage':<7}{'collectives per step (calls)':<58}{'wire bytes':>12}{'/ stage 0':>10}"
+wire = {stage: sum(results[0]["wire"][-1].values()) for stage, results in runs.items()}  # ring-model bytes
+print(f"{'stage':<7}{'collectives per step (calls)':<58}{'ring-model B':>13}{'/ stage 0':>10}"
       f"{'formula':>12}{'step (ms)':>11}")
 for stage, results in runs.items():
     calls = ", ".join(f"{tag} {n}" for tag, n in results[0]["calls"][-1].items() if n)
-    print(f"{stage:<7}{calls:<58}{wire[stage]:>12,.0f}{wire[stage] / wire[0]:>10.3f}"
+    print(f"{stage:<7}{calls:<58}{wire[stage]:>13,.0f}{wire[stage] / wire[0]:>10.3f}"
           f"{traffic(stage):>12,.0f}{median_ms(results):>11.1f}")
 
 by_tag = r3["wire"][-1]
@@ -457,13 +527,53 @@ print(f"\nstage 3: {len(PADDED)} units (one per module with parameters); per ste
       f"reduce-scatters (prefetch off: {r3_init['calls'][-1]['param_allgather']} and "
       f"{r3_init['calls'][-1]['grad_reduce_scatter']})")
 print(f"  all-gather {by_tag['param_allgather']:,.0f} B = 2 x (N-1)/N x 2Ψ,   "
-      f"reduce-scatter {by_tag['grad_reduce_scatter']:,.0f} B = (N-1)/N x 2Ψ")
+      f"reduce-scatter {by_tag['grad_reduce_scatter']:,.0f} B = (N-1)/N x 2Ψ   (ring-model bytes)")
+
+# %% [markdown]
+# Those are the three collectives ZeRO changes. To show that nothing else travels (no optimizer
+# state, ever), we add up **every** collective of a step, tagged or not, and list what is left.
+
+# %%
+for stage, results in runs.items():
+    r = results[0]
+    tagged = sum(sum(sizes) for sizes in r["messages"][-1].values())
+    print(f"stage {stage}: every collective of the step {r['all_bytes'][-1]:,} message bytes = the three above "
+          f"{tagged:,} + the rest {r['others'][-1]}")
+
+# %% [markdown]
+# What is left is one 8-byte scalar at stages 1 to 3: the partial sums of squares of the gradient
+# shards, all-reduced in float64, for the global gradient norm (gradient clipping is on at 1.0,
+# DeepSpeed's default). In fp16 an overflow flag would join it. At stage 0 every rank holds every
+# gradient, so the norm needs no collective. The optimizer states (12Ψ bytes, or 12Ψ/N per rank)
+# never appear: each rank updates its own chunk where it lives.
+#
+# **Tied weights.** The prediction from the text above (one extra forward gather of the
+# embedding, V·h elements), checked on a tied GPT for two steps:
+
+# %%
+TIED = {**MODEL, "tie_weights": True}
+PSI_TIED = GPT(GPTConfig(**TIED)).num_parameters()
+PADDED_TIED = padded_sizes(GPT(GPTConfig(**TIED)), WORLD)
+del PADDED_TIED["lm_head"]   # the head registers the embedding's matrix, but it belongs to its first owner
+assert sum(own_parameter_counts(GPT(GPTConfig(**TIED))).values()) - PSI_TIED == GPTConfig(**TIED).vocab_size * TIED["n_embd"]
+tied_run = ds_lab.launch(zero_train, WORLD, config(3), batches[:2], TIED)
+EMBEDDING = PADDED_TIED["wte"]                                  # V x h, padded
+tied_expected = {"grad_allreduce": 0, "grad_reduce_scatter": 2 * sum(PADDED_TIED.values()),
+                 "param_allgather": 2 * 2 * sum(PADDED_TIED.values()) + 2 * EMBEDDING}
+tied_ratio = sum(tied_run[0]["wire"][-1].values()) / (2 * (WORLD - 1) / WORLD * 2 * PSI_TIED)  # / data parallel
+predicted_ratio = 1.5 + EMBEDDING / (2 * PSI_TIED)   # (3Ψ + Vh) / 2Ψ
+print(f"tied GPT, Ψ = {PSI_TIED:,}: messages per step {[{t: sum(v) for t, v in m.items()} for m in tied_run[0]['messages']]}")
+print(f"  predicted {tied_expected}; ring-model bytes / data parallel {tied_ratio:.4f}, "
+      f"predicted 1.5 + Vh/2Ψ = {predicted_ratio:.4f}")
 
 # %% [markdown]
 # - **Stages 1 and 2 send exactly what stage 0 sends**: one reduce-scatter and one all-gather per
 #   bucket instead of one all-reduce. Same bytes, 12Ψ/N or 14Ψ/N instead of 12Ψ or 14Ψ of memory.
-# - **Stage 3 sends 1.5×**: each module's parameters are gathered twice, once in forward and once
-#   in backward, and nothing is gathered after the step.
+# - **Stage 3 sends 1.5×** (with `stage3_max_reuse_distance: 0`): each module's parameters are
+#   gathered twice, once in forward and once in backward, and nothing is gathered after the step.
+#   A tied model sends exactly one embedding more: 1.5 + Vh/2Ψ.
+# - **Nothing else travels** but one scalar per step, the gradient norm: the optimizer states stay
+#   where they are updated.
 # - **Step times** on this machine: gloo, 4 ranks on 2 shared CPU cores, tiny messages. They move
 #   by tens of percent from run to run, so don't read much into stages 0 to 2. Without prefetch,
 #   stage 3 issues one all-gather per module per pass, so its fixed per-call cost shows. On GPUs
@@ -599,11 +709,29 @@ for stage, results in runs.items():
                 assert step == expected_messages[3], step
             else:
                 assert step == expected_messages[stage], (stage, step)
+# Every collective of every step, tagged or not: the three above plus, at stages 1-3, one float64
+# scalar (the gradient norm's sum of squares). No optimizer state ever travels.
+for stage, results in runs.items():
+    for r in results:
+        for messages, others, every in zip(r["messages"], r["others"], r["all_bytes"]):
+            assert others == ([] if stage == 0 else [("all_reduce", "grad_norm", 8)]), (stage, others)
+            assert every == sum(sum(sizes) for sizes in messages.values()) + (0 if stage == 0 else 8)
+# Counts, from the model alone: one message per bucket at stages 0-2 (checked above, message by
+# message); with prefetch off, stage 3 gathers each unit once in forward and once in backward.
+assert all(c["param_allgather"] == 2 * len(PADDED) for r in init_run for c in r["calls"])
 # So, with the ring algorithm's (N-1)/N per reduce-scatter or all-gather and 2(N-1)/N per
-# all-reduce, stages 1 and 2 send what stage 0 sends (2Ψ_p = 2Ψ here) and stage 3 sends 1.5x.
+# all-reduce, stages 1 and 2 send what stage 0 sends (2Ψ_p = 2Ψ here) and stage 3 sends 1.5x,
+# in ring-model bytes, exactly.
 assert PSI_PADDED == {0: PSI, 1: PSI, 2: PSI, 3: PSI}   # no padding in this model: exactly 1 and 1.5
 assert wire[1] == wire[2] == wire[0] == traffic(0) and wire[3] == 1.5 * wire[0]
-print(f"wire bytes per step / stage 0: {[round(wire[s] / wire[0], 4) for s in range(4)]}")
+# Tied weights: exactly one more forward gather of the embedding's unit, every step, every rank
+for r in tied_run:
+    assert all({t: sum(v) for t, v in m.items()} == tied_expected for m in r["messages"]), r["messages"]
+    assert all(others == [("all_reduce", "grad_norm", 8)] for others in r["others"])
+assert sum(PADDED_TIED.values()) == PSI_TIED and abs(tied_ratio - predicted_ratio) < 1e-12  # 1.5133, not 1.5
+assert round(tied_ratio, 4) == 1.5133
+print(f"ring-model bytes per step / stage 0: {[round(wire[s] / wire[0], 4) for s in range(4)]}; "
+      f"tied stage 3: {tied_ratio:.4f}")
 
 # %%
 # Same losses at every stage. bf16: the first step's loss is bit-identical (same bf16 weights, same
@@ -647,8 +775,8 @@ assert all(r["peak_whole"] == 2 * LARGEST_PADDED for r in init_run), [r["peak_wh
 first = 2 * PADDED[next(iter(PADDED))]   # the token embedding, the first module forward runs
 assert all(r["gathered_by_first_module"] == [first] * STEPS for r in init_run)
 assert all(r["gathered_by_first_module"] == [first] + [2 * PSI_PADDED[3]] * (STEPS - 1) for r in runs[3])
-# the article's call fails; ds_lab's refusal names the right usage
-assert init_run[0]["article_call"].startswith("AttributeError")
+# the article's call fails exactly as it does in DeepSpeed (the engine has no `zero`)
+assert init_run[0]["article_call"] == "AttributeError: 'DeepSpeedEngine' object has no attribute 'zero'"
 assert all(whole == shapes == PSI and left == 0 for whole, left, shapes in converted)  # Init(module=) partitions
 # GatheredParameters(modifier_rank=0): rank 0's change reaches every rank and the fp32 master;
 # a change made without modifier_rank is dropped
@@ -657,6 +785,7 @@ for r in gathered:
     assert r["inside"] == (GPTConfig(**MODEL).vocab_size, MODEL["n_embd"])
     assert torch.all(r["row0"] == 1.0) and torch.all(r["master_row0"] == 1.0)
     assert torch.equal(r["row1_after"], r["row1_before"]) and not torch.all(r["row1_after"] == 1.0)
+    assert r["after_safe_set"] == [2.0]   # safe_set_full_fp32_param reached the model's own bf16 chunks
 print(f"construction peak {built['peak_bytes']:,} bytes under Init vs {whole_build.peak:,} built whole; "
       f"whole parameters in use at once: {init_run[0]['peak_whole']:,} bytes")
 
@@ -671,11 +800,88 @@ assert fits[1024][3] >= 5e12 and all(fits[n][0] < fits[n][1] < fits[n][2] < fits
 print({n: {s: f"{p / 1e9:.1f}B" for s, p in f.items()} for n, f in fits.items()})
 
 # %% [markdown]
+# ### Stage 3's traffic against `stage3_max_reuse_distance`
+#
+# Every stage-3 run above set `stage3_max_reuse_distance` to 0: release each module as soon as it
+# has run, so backward gathers everything again. DeepSpeed's default is 10⁹ elements: after a
+# module's forward, its parameters stay gathered if fewer than D elements of parameters are used
+# before its next use (`PartitionedParameterCoordinator.__params_to_release` in
+# `deepspeed/runtime/zero/partitioned_param_coordinator.py`, using the trace of module calls that
+# the first step records). The last modules of forward are the first of backward, so with a
+# large D they are never gathered twice, and a model smaller than D (ours) is gathered only once
+# per step: 1×, the traffic of data parallelism, and the whole model is gathered from the end of
+# forward until backward releases each unit (stage 3's memory saving then holds between steps and
+# during forward only). `ds_lab.lab.zero_reuse` runs real ranks at
+# three distances (2 ranks, the chapter's model; last step of two, since the first records the
+# trace) and predicts the all-gathered bytes apart: it walks the module order of one forward on
+# this process, with the modules' own sizes, without asking the engine.
+
+# %%
+from ds_lab.lab.zero_reuse import last_block_distance, traffic_by_reuse_distance
+
+DISTANCES = [0, last_block_distance(MODEL), 10**9]   # release all; keep only the last block; DeepSpeed's default
+reuse = traffic_by_reuse_distance(DISTANCES, world_size=2, model=MODEL)
+print(f"{'stage3_max_reuse_distance':>26}{'all-gather B measured':>23}{'predicted':>12}{'/ data parallel':>17}")
+for distance, row in reuse.items():
+    print(f"{distance:>26,}{row['allgather_bytes']:>23,}{row['predicted_allgather_bytes']:>12,}{row['ratio_to_dp']:>17.4f}")
+# measured == predicted, to the byte; the two ends are the paper's 1.5x and data parallel's 1x
+assert all(row["allgather_bytes"] == row["predicted_allgather_bytes"] for row in reuse.values())
+assert reuse[0]["allgather_bytes"] == 2 * 2 * PSI and reuse[10**9]["allgather_bytes"] == 2 * PSI
+assert reuse[0]["ratio_to_dp"] == 1.5 and reuse[10**9]["ratio_to_dp"] == 1.0
+assert 1.0 < reuse[DISTANCES[1]]["ratio_to_dp"] < 1.5
+# where the parameters stay gathered changes no arithmetic: the same losses at every distance
+assert reuse[0]["losses"] == reuse[DISTANCES[1]]["losses"] == reuse[10**9]["losses"]
+
+# %% [markdown]
+# So "stage 3 costs 1.5×" is the paper's accounting, with every module released after use. Run
+# with DeepSpeed's defaults, a model whose parameters fit under the reuse distance sends 1×; a
+# large model keeps only its last layers gathered across the turn from forward to backward, and
+# its traffic is a little under 1.5×. The knob trades memory (whole parameters kept) for traffic.
+
+# %% [markdown]
+# ## What the article gets wrong, now that we have measured
+#
+# > **Where the article is wrong or misleading**
+# >
+# > - §2.2 calls ZeRO "an optimizer". It is a way of *storing* any optimizer's state, partitioned
+# >   over the data-parallel ranks. Adam's arithmetic is unchanged: ZeRO-1 by hand gave the
+# >   engine's weights bit for bit, and every stage trained to the same losses as plain data
+# >   parallelism.
+# > - §2.2 says ZeRO removes "redundant gradient and parameter storage", and lists stage 2 as
+# >   partitioning the gradients and stage 3 the parameters, as if each stage did one thing. The
+# >   largest redundancy is the optimizer state (12 of the 16 bytes per parameter), which stage 1
+# >   removes. The stages are cumulative.
+# > - §4.3 says that with P GPUs stage 1 leaves each GPU "1/P of the optimizer states". True, but
+# >   the GPU still holds 4Ψ of weights and gradients, so its memory is 4Ψ + 12Ψ/P, and the cut is
+# >   at most 4×, not P×. The 12 includes the fp32 master copy of the weights, which the article
+# >   never mentions.
+# > - §3.2 lists parameters, then gradients, then optimizer states, the reverse of the stages. Its
+# >   item 4 says ZeRO "transmits only the necessary parameters, gradients and optimizer states,
+# >   avoiding redundant communication". ZeRO never sends optimizer states: we summed every
+# >   collective of a step, and besides gradients and parameters only one 8-byte norm travels.
+# >   ds_lab's stages 1 and 2 send exactly what data parallelism sends; DeepSpeed's stages 1 and 2
+# >   (by default) and stage 3 with every module released send 1.5×. ZeRO buys memory with (at most
+# >   1.5×) communication. It does not reduce communication.
+# >
+# >   The item's grain of truth lies in ZeRO's later work, not in the stages: **ZeRO-R**, the
+# >   second half of the same paper, partitions *activations* across model-parallel ranks
+# >   (partitioned activation checkpointing: `activation_checkpointing.partition_activations`),
+# >   removing a redundancy that is not a model state; and **ZeRO++** (Wang et al. 2023) really
+# >   does cut ZeRO-3's traffic, by quantizing the weights it all-gathers (qwZ), keeping a
+# >   secondary copy of the parameters inside each node so backward's all-gather stays in the
+# >   node (hpZ), and quantizing the gradients it reduce-scatters (qgZ): 4× less across nodes.
+# > - §3.1's `engine.zero.Init(module=model)` after `initialize` is not how Init works. We ran it
+# >   above: it fails in ds_lab exactly as in DeepSpeed (the engine has no attribute `zero`).
+# >   `deepspeed.zero.Init(module=model)` exists, but it partitions a model already built whole;
+# >   `with zero.Init(): model = ...` is what saves the construction peak.
+
+# %% [markdown]
 # ## Exercises
 #
-# 1. **Tied weights.** Set `tie_weights=True` in `MODEL` (Ψ drops by 256 × 192). Predict stage 3's
-#    traffic ratio to stage 0 before you run it: the embedding's unit is gathered by two modules
-#    in forward and again in backward. Which collective gains how many bytes?
+# 1. **Tied weights.** The tied GPT above sent one extra forward gather of the embedding at stage 3.
+#    Predict what tying changes at stages 0 to 2 (hint: one gradient, one bucket), then run them
+#    on `TIED`. At stage 3 with `stage3_prefetch_bucket_size: 0`, count the all-gathers per step:
+#    how many more than 2 × the units, and in which pass?
 # 2. **Persistence threshold.** Run stage 3 with DeepSpeed's default
 #    `stage3_param_persistence_threshold` of 100,000 elements. Which units stay whole on every
 #    rank, by how much does `params` per rank grow, and what happens to the all-gathers after the
@@ -698,8 +904,11 @@ print({n: {s: f"{p / 1e9:.1f}B" for s, p in f.items()} for n, f in fits.items()}
 # - ZeRO removes the N-fold copies of the model states in data parallelism. We measured, byte for
 #   byte on 4 ranks, 16Ψ → 4Ψ + 12Ψ/N → 2Ψ + 14Ψ/N → 16Ψ/N per rank, as the paper says.
 # - Stages 1 and 2 replace the all-reduce with its two halves, a reduce-scatter and an all-gather,
-#   with the optimizer step in between: **the same bytes on the wire** as data parallelism.
-#   Stage 3 gathers each module's parameters in forward and again in backward: **1.5×**.
+#   with the optimizer step in between: **the same bytes on the wire** as data parallelism. Twenty
+#   lines by hand do it, and give the engine's weights bit for bit. (DeepSpeed's own stages 1 and 2
+#   all-reduce by default, then all-gather: 1.5×.)
+#   Stage 3 gathers each module's parameters in forward and again in backward: **1.5×**, unless
+#   `stage3_max_reuse_distance` keeps them gathered. Nothing else travels but a scalar norm.
 # - Every stage trains to the same losses as data parallelism (bit-identical first step in
 #   bf16, within 10⁻⁵ in fp32): ZeRO changes where the states live, not the math.
 # - `zero.Init` builds a model already partitioned (one module whole at a time), so a model that

@@ -40,8 +40,10 @@
 #    layers and fragmentation: the ZeRO paper's measured model sizes sit about that far below its
 #    theory (Rajbhandari et al. 2020, Table 2: 6.2 B measured against 7.6 B for $P_{os}$ at 64 GPUs).
 # 3. **ZeRO stage:** the *lowest* stage whose states plus one micro batch of activations fit.
-#    Lower stages send fewer bytes: stage 3 sends 1.5× stages 0–2.
-# 4. **Offload:** none. ds_lab has no offload. When nothing fits, the advisor says what would.
+#    Lower stages send fewer bytes: stage 3 sends up to 1.5× stages 0–2.
+# 4. **Offload:** never chosen. It trades GPU memory for PCIe traffic and a host-side step, so it
+#    is the last resort (`offload_optimizer` exists in ds_lab). When nothing fits, the advisor says
+#    what would.
 # 5. **Micro batch:** the largest power of two that still fits. Gradient accumulation makes up
 #    the global batch.
 #

@@ -46,7 +46,7 @@ class ZeroConfig:
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
     stage3_max_live_parameters: int = 1_000_000_000
-    stage3_max_reuse_distance: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000  # ZeRO-3 keeps units reused within this many elements
     stage3_gather_16bit_weights_on_model_save: bool = False  # save_16bit_model gathers the ZeRO-3 shards
     offload_optimizer: OffloadOptimizerConfig = field(default_factory=OffloadOptimizerConfig)  # DeepSpeed: None
     offload_param: OffloadParamConfig = field(default_factory=OffloadParamConfig)  # DeepSpeed: None
@@ -189,8 +189,8 @@ _MONITOR_CHECKERS = {"enabled": _boolean, "output_path": _string, "job_name": _s
 # zero_optimization keys ds_lab reads but does not act on: a warning names each one given
 _ZERO_NOT_ENFORCED = {
     "allgather_bucket_size": "ZeRO-1/2 all-gather per unit (units follow reduce_bucket_size)",
-    "stage3_max_live_parameters": "ZeRO-3 releases each module after use; only the prefetch budget is enforced",
-    "stage3_max_reuse_distance": "ZeRO-3 releases each module after use; only the prefetch budget is enforced",
+    "stage3_max_live_parameters": "no cap on whole ZeRO-3 parameters alive at once: the prefetch budget and "
+                                  "stage3_max_reuse_distance decide what is gathered",
     "allgather_partitions": "ZeRO-1/2 always all-gather the updated partitions (false: DeepSpeed broadcasts them, "
                             "same values)",
     "round_robin_gradients": "an offload copy-scheduling optimisation; the gradient values do not change",

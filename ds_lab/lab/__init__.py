@@ -1,6 +1,7 @@
 """What the chapters share: rank functions, independent measurements, tables.
 
     workers.py   functions run on every rank by `ds_lab.launch` (data parallel, ZeRO)
+    zero_by_hand.py  ZeRO-1 written out (reduce-scatter, Adam on the chunk, all-gather) (chapter 3)
     measure.py   measurements that do not ask the engine (a census of live tensors, hooks of our own)
     tables.py    the model-states tables the chapters print
     background.py  model growth, GPU capacities, counted FLOPs and a step's allocations (chapter 1)

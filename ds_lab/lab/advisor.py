@@ -15,9 +15,10 @@ The rules, in order, each checked by the estimator of chapter 3 (`ds_lab.zero.es
 3. ZeRO stage: the lowest stage whose model states (`estimate_ledger`) plus the activations of
    one micro batch (`estimate_activations`) fit in the budget. A lower stage sends fewer bytes:
    stages 0-2 move 2(N-1)/N x 2Ψ per step, stage 3 moves 3(N-1)/N x 2Ψ.
-4. Offload: never. ds_lab has no offload; where even stage 3 at micro batch 1 does not fit, the
+4. Offload: never chosen. Offloading trades the GPU's memory for PCIe traffic and a host-side
+   optimizer step, so it is the last resort; where even stage 3 at micro batch 1 does not fit, the
    advisor raises `AdvisorError` and names what would (more GPUs, activation checkpointing, tensor
-   or pipeline parallelism, or DeepSpeed's offload_optimizer).
+   or pipeline parallelism, or `zero_optimization.offload_optimizer`, which ds_lab has).
 5. Micro batch: the largest power of two (up to `max_micro_batch`) whose activations still fit next
    to the model states; with a `global_batch`, one that divides global_batch / GPUs, and gradient
    accumulation makes up the rest.
@@ -113,7 +114,7 @@ def recommend(num_params, gpus: int, gpu_memory: float, *, layers: int, hidden: 
             f"{num_params:.3g} parameters do not fit on {gpus} GPUs of {format_bytes(gpu_memory)}: even ZeRO "
             f"stage 3 at micro batch 1 needs {format_bytes(need)} per GPU, the budget is {format_bytes(budget)}. "
             f"To fit: {fix}, or turn on activation checkpointing (checkpointing=True), or add tensor or "
-            f"pipeline parallelism, or use DeepSpeed's offload_optimizer (ds_lab has no offload)")
+            f"pipeline parallelism, or offload the optimizer to host memory (zero_optimization.offload_optimizer)")
     states = estimate_ledger(num_params, gpus, stage, "mixed")["total"]
     micro = 1
     while (micro * 2 <= max_micro_batch and states + activations(micro * 2) <= budget
@@ -123,9 +124,10 @@ def recommend(num_params, gpus: int, gpu_memory: float, *, layers: int, hidden: 
     reasons.append(f"micro batch {micro}: the largest power of two whose activations "
                    f"({format_bytes(activations(micro))}) fit beside the states"
                    + (f" and divide the {per_gpu_batch} sequences per GPU" if per_gpu_batch else ""))
-    reasons.append("offload: none (ds_lab has none; the states fit without it)")
+    reasons.append("offload: none (the states fit without it; offload is the last resort)")
     if stage == 3:
-        reasons.append("stage 3 sends 1.5x the bytes of stages 0-2: prefer more GPUs per model if you have them")
+        reasons.append("stage 3 sends up to 1.5x the bytes of stages 0-2 (less where stage3_max_reuse_distance "
+                       "keeps parameters gathered): prefer more GPUs per model if you have them")
     config = {"train_batch_size": micro * accumulation * gpus, "train_micro_batch_size_per_gpu": micro,
               "gradient_accumulation_steps": accumulation,
               "optimizer": {"type": "AdamW", "params": {"lr": lr}},

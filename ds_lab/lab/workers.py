@@ -38,7 +38,8 @@ def global_losses(results) -> list:
 
 
 def _step_traffic(records) -> dict:
-    """Per collective tag: calls, message bytes (r.bytes) and the bytes this rank sent (wire)."""
+    """Per collective tag: calls, message bytes (r.bytes) and the ring-model bytes this rank sent
+    (wire: message bytes x the ring factor, see comm/trace.py)."""
     return dict(calls={tag: sum(r.tag == tag for r in records) for tag in COMM_TAGS},
                 messages={tag: [r.bytes for r in records if r.tag == tag] for tag in COMM_TAGS},
                 wire={tag: sum(r.wire_bytes for r in records if r.tag == tag) for tag in COMM_TAGS})
@@ -116,8 +117,10 @@ def zero_train(config, batches, model, use_init=False, article_call=False):
     """One optimizer step per global batch with `config` (any ZeRO stage, no accumulation).
 
     Returns, per rank: losses and step times; per step the collectives by tag (calls, message
-    bytes, bytes sent); after the last step the ledger (`memory`) and the census of every tensor
-    the rank created and still holds (`census`, by dtype); `peak_whole`, the most bytes of whole
+    bytes, ring-model bytes sent), every other collective as (op, tag, message bytes) (`others`)
+    and the message bytes of all of them (`all_bytes`); after the last step the ledger (`memory`)
+    and the census of every tensor the rank created and still holds (`census`, by dtype);
+    `peak_whole`, the most bytes of whole
     parameters our own hooks saw at once; `gathered_by_first_module`, per step, the all-gathered
     bytes requested before the first module had run (a prefetch shows here); `built`, what
     constructing the model measured (zero.Init only)."""
@@ -127,7 +130,7 @@ def zero_train(config, batches, model, use_init=False, article_call=False):
     engine, _, _, _ = ds_lab.initialize(model=gpt, config=config)
     probe = WholeParameterProbe(engine.module)
     out = dict(losses=[], step_seconds=[], calls=[], messages=[], wire=[], gathered_by_first_module=[],
-               built=built)
+               others=[], all_bytes=[], built=built)
     for batch in batches:
         mark = comm.record_count()
         start = time.perf_counter()
@@ -137,7 +140,10 @@ def zero_train(config, batches, model, use_init=False, article_call=False):
         engine.step()
         out["step_seconds"].append(time.perf_counter() - start)
         out["losses"].append(loss.float().item())
-        records = [r for r in comm.get_log(since=mark) if r.tag in COMM_TAGS]
+        every = comm.get_log(since=mark)  # every collective of the step, tagged or not
+        records = [r for r in every if r.tag in COMM_TAGS]
+        out["others"].append([(r.op, r.tag, r.bytes) for r in every if r.tag not in COMM_TAGS])
+        out["all_bytes"].append(sum(r.bytes for r in every))
         for key, value in _step_traffic(records).items():
             out[key].append(value)
         # all-gathered bytes requested before the first module of this forward had finished

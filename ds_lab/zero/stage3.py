@@ -33,8 +33,12 @@ optimizer step or checkpoint load, `drain()` waits for any all-gather still in f
 every whole parameter, so no gather started before the step can hand out old weights after it.
 
 What crosses the wire per step (per rank, ring algorithm, Ψ elements, no accumulation):
-    forward all-gather  (N-1)/N Ψ  +  backward all-gather (N-1)/N Ψ  +  gradient reduce-scatter (N-1)/N Ψ
-  = 3(N-1)/N Ψ: 1.5x data parallel's 2(N-1)/N Ψ (the ZeRO paper's 3Ψ vs 2Ψ). After the step only
+    forward all-gather  (N-1)/N Ψ  +  backward all-gather (N-1)/N Ψ_b  +  gradient reduce-scatter (N-1)/N Ψ
+Ψ_b is what backward gathers again. `stage3_max_reuse_distance` D (`reuse.py`, DeepSpeed's meaning)
+keeps a unit whole from forward to backward when fewer than D elements are used in between: for a
+module used once, 2x the elements of the modules after it in forward. D = 0: Ψ_b = Ψ, 3(N-1)/N Ψ,
+1.5x data parallel's 2(N-1)/N Ψ (the ZeRO paper's 3Ψ vs 2Ψ). DeepSpeed's default D = 1e9 keeps all
+of a model with 2Ψ < D: Ψ_b = 0, 1x (from step 2: step 1 records the order). After the step only
     the persistent units are all-gathered (in one collective); every other rank just casts its
     updated master chunk into its parameter chunk.
 How many collectives carry that: with the defaults (buckets larger than a small model), a GPT
@@ -51,6 +55,7 @@ from ds_lab import comm
 from ds_lab.monitor.memory import storage_key
 from ds_lab.zero.init import forget_init_shards
 from ds_lab.zero.offload import Offload, send_buffer, to_device
+from ds_lab.zero.reuse import reuse_trace, used_again_within
 from ds_lab.zero.stage3_units import _Gathering, _GatheringParameters, _tensors, module_units
 from ds_lab.zero.stage2 import ZeroStage2
 
@@ -69,6 +74,7 @@ class ZeroStage3(ZeroStage2):
         self.needs = needs
         self.prefetch_elements = zero_config.stage3_prefetch_bucket_size
         self.persistence_threshold = zero_config.stage3_param_persistence_threshold
+        self.max_reuse_distance = zero_config.stage3_max_reuse_distance
         self.reduce_bucket_size = zero_config.reduce_bucket_size
         return self
 
@@ -113,6 +119,7 @@ class ZeroStage3(ZeroStage2):
         self.attach_gradient_shards(list(reversed(self.units)))  # backward meets modules last to first
         self.order, self.first_position, self.position, self.recorded = [], {}, 0, False
         self.running, self.in_backward = [], False  # modules whose forward is running, innermost last
+        self.reuse = {}  # (backward follows, trace position, unit index) -> keep it whole (reuse.py)
         self.hooks = [self.module.register_forward_pre_hook(self._start_forward),
                       self.module.register_forward_hook(self._end_forward)]
         for mod in self.module.modules():  # every module: a parent may read a child's parameter
@@ -129,6 +136,7 @@ class ZeroStage3(ZeroStage2):
         unit = self.unit_of[p]
         if unit not in self.needs.setdefault(module, []):
             self.needs[module].append(unit)
+            self.reuse = {}  # the trace changed
 
     def read_while_running(self, p) -> None:
         """A parameter was read while modules run. Not needed by any of them: it is external to the
@@ -260,7 +268,7 @@ class ZeroStage3(ZeroStage2):
         needs = self.needs.get(mod, ())
         if not self.in_backward:  # a re-run inside backward keeps them: its backward comes next
             for unit in needs:
-                if not self._held(unit):
+                if not self._held(unit) and not self._reused_soon(unit):
                     self._release(unit)
         if needs and torch.is_grad_enabled():
             # where this call stands in forward order (a re-run inside backward: its first call)
@@ -269,6 +277,17 @@ class ZeroStage3(ZeroStage2):
                 if t.requires_grad:
                     t.register_hook(lambda grad, mod=mod, position=position: self._pre_backward(mod, position))
         return None
+
+    def _reused_soon(self, unit) -> bool:
+        """`stage3_max_reuse_distance` (reuse.py): the recorded trace uses this unit again before that
+        many elements of other uses. The step that records the trace keeps nothing, as DeepSpeed's."""
+        if not self.recorded or unit.persistent or self.max_reuse_distance <= 0:
+            return False
+        key = (torch.is_grad_enabled(), self.position, unit.index)
+        if key not in self.reuse:
+            trace = reuse_trace(self.order, self.needs, with_backward=key[0])
+            self.reuse[key] = used_again_within(trace, self.position, unit, self.max_reuse_distance)
+        return self.reuse[key]
 
     def _pre_backward(self, mod, position: int) -> None:
         needs = self.needs[mod]
