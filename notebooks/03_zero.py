@@ -407,8 +407,9 @@ for rank, (whole, left, shapes) in enumerate(converted):
 #   `safe_set_full_optimizer_state`, `safe_get_full_grad`). ds_lab refreshes the fp32 master
 #   chunks on exit, so the edit survives the step, and it also provides the same functions as
 #   `ds_lab.utils.safe_*` (the demo reads the master with one, and writes a row with another).
-# - **A change without `modifier_rank`.** DeepSpeed 0.19.8 detects the in-place change and raises
-#   a `RuntimeError` ("use modifier_rank=<rank>"); ds_lab silently drops it (rank 1 tries below).
+# - **A change without `modifier_rank`.** DeepSpeed 0.19.8 detects the in-place change (one
+#   all-reduce of a flag), drops it on every rank and raises a `RuntimeError` ("Use
+#   modifier_rank=<rank> to broadcast updates across ranks"). ds_lab does the same (rank 1 tries below).
 
 # %%
 def gathered_parameters_demo():
@@ -423,12 +424,15 @@ def gathered_parameters_demo():
         if rank == 0:
             with torch.no_grad():
                 weight[0].fill_(1.0)           # changed on rank 0 only: broadcast on exit
-    with GatheredParameters(weight):           # no modifier_rank: look, and any change is dropped
-        out["row0"] = weight[0].float().clone()
-        out["row1_before"] = weight[1].float().clone()
-        if rank == 1:
-            with torch.no_grad():
-                weight[1].fill_(1.0)
+    try:
+        with GatheredParameters(weight):       # no modifier_rank: look only; a change is dropped, and raises
+            out["row0"] = weight[0].float().clone()
+            out["row1_before"] = weight[1].float().clone()
+            if rank == 1:
+                with torch.no_grad():
+                    weight[1].fill_(1.0)
+    except RuntimeError as error:              # on every rank, not only rank 1
+        out["no_modifier_error"] = str(error)
     with GatheredParameters(weight):
         out["row1_after"] = weight[1].float().clone()
     out["master_row0"] = safe_get_full_fp32_param(weight)[0]   # the fp32 master followed (collective)
@@ -443,7 +447,8 @@ gathered = ds_lab.launch(gathered_parameters_demo, WORLD)
 for rank, r in enumerate(gathered):
     print(f"rank {rank}: shape outside {r['outside']}, inside {r['inside']}, after {r['after']}; "
           f"row 0 = {r['row0'].unique().tolist()}, fp32 master row 0 = {r['master_row0'].unique().tolist()}; "
-          f"rank 1's change kept: {torch.equal(r['row1_after'], torch.ones_like(r['row1_after']))}; "
+          f"rank 1's change kept: {torch.equal(r['row1_after'], torch.ones_like(r['row1_after']))} "
+          f"({r['no_modifier_error'][:60]}...); "
           f"after safe_set_full_fp32_param(weight, 2.0): {r['after_safe_set']}")
 
 
@@ -779,8 +784,9 @@ assert all(r["gathered_by_first_module"] == [first] + [2 * PSI_PADDED[3]] * (STE
 assert init_run[0]["article_call"] == "AttributeError: 'DeepSpeedEngine' object has no attribute 'zero'"
 assert all(whole == shapes == PSI and left == 0 for whole, left, shapes in converted)  # Init(module=) partitions
 # GatheredParameters(modifier_rank=0): rank 0's change reaches every rank and the fp32 master;
-# a change made without modifier_rank is dropped
+# a change made without modifier_rank is dropped on every rank, and every rank raises DeepSpeed's error
 for r in gathered:
+    assert "Use modifier_rank=<rank> to broadcast updates across ranks" in r["no_modifier_error"]
     assert r["outside"] == r["after"] == (0,)
     assert r["inside"] == (GPTConfig(**MODEL).vocab_size, MODEL["n_embd"])
     assert torch.all(r["row0"] == 1.0) and torch.all(r["master_row0"] == 1.0)

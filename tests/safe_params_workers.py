@@ -75,3 +75,27 @@ def case(stage, precision, batches):
 
 def safe_params_worker(cases, batches):
     return {(stage, precision): case(stage, precision, batches) for stage, precision in cases}
+
+
+def unannounced_edit_worker(editor: int, persistence_threshold: int = 100_000):
+    """Rank `editor` changes a ZeRO-3 weight inside GatheredParameters without modifier_rank: every rank
+    gets DeepSpeed's RuntimeError, and the weight is what it was before (the edit is dropped everywhere)."""
+    import ds_lab
+    torch.manual_seed(0)
+    config = {"train_batch_size": 2 * comm.get_world_size(), "optimizer": ADAM,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold}}
+    engine, _, _, _ = ds_lab.initialize(model=Net(), config=config)
+    weight = engine.module.head.bias  # small: kept whole on every rank unless the threshold is 0
+    before = safe_get_full_fp32_param(weight)
+    error = None
+    try:
+        with GatheredParameters(weight):
+            whole = weight.detach().clone()
+            if comm.get_rank() == editor:
+                with torch.no_grad():
+                    weight.add_(1.0)
+    except RuntimeError as err:
+        error = str(err)
+    with GatheredParameters(weight):  # read-only and untouched: no error
+        after = weight.detach().clone()
+    return dict(error=error, whole=whole, after=after, before=before, master=safe_get_full_fp32_param(weight))

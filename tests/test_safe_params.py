@@ -113,3 +113,14 @@ def test_the_next_step_starts_from_what_was_set(runs, case):
 
 def test_a_parameter_no_engine_trains_gives_none(runs):
     assert all(out[case]["unmanaged"] is None for out in runs for case in CASES)
+
+
+@pytest.mark.parametrize("world_size,editor,persistence", [(2, 1, 100_000), (3, 0, 100_000), (2, 0, 0), (3, 2, 0)])
+def test_an_edit_without_modifier_rank_raises_on_every_rank_and_is_dropped(world_size, editor, persistence):
+    """DeepSpeed 0.19.8's GatheredParameters._exit: an in-place change with modifier_rank=None is detected
+    (one all-reduce of a flag), every rank partitions the old values again and raises."""
+    results = ds_lab.launch(spw.unannounced_edit_worker, world_size, editor, persistence)
+    for r in results:
+        assert r["error"] is not None and "modifier_rank=<rank>" in r["error"]
+        assert torch.equal(r["after"], r["whole"])  # the edit is gone on every rank, the editor's too
+        assert torch.equal(r["master"], r["before"])

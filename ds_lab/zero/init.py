@@ -230,7 +230,10 @@ def forget_init_shards(module) -> None:
 
 class GatheredParameters:
     """Gather whole parameters for the duration of the block. With `modifier_rank`, that rank's
-    values are broadcast on exit and re-partitioned (the fp32 master chunks follow)."""
+    values are broadcast on exit and re-partitioned (the fp32 master chunks follow). Without it the
+    block is read-only: an in-place change on any rank (seen, as DeepSpeed sees it, from the
+    parameter's version counter or a new `.data`) is dropped on every rank and raises DeepSpeed's
+    RuntimeError, so an edit never disappears silently."""
 
     def __init__(self, params, modifier_rank=None, enabled=True):
         self.params = [params] if isinstance(params, torch.nn.Parameter) else list(params)
@@ -264,22 +267,45 @@ class GatheredParameters:
         else:
             for unit in self.units:
                 self.zero.gather(unit)
+        self.versions = [(p, p.data.data_ptr(), p._version) for p in self.params]
         return self
+
+    def _modified_anywhere(self, group) -> bool:
+        """DeepSpeed's check (GatheredParameters._exit): did any rank change a parameter in place?"""
+        local = any(p.data.data_ptr() != ptr or p._version != version for p, ptr, version in self.versions)
+        if comm.get_world_size(group) == 1:
+            return local
+        flag = torch.tensor([int(local)], device=comm.device())
+        comm.all_reduce(flag, op=comm.ReduceOp.MAX, group=group)
+        return bool(flag.item())
 
     def __exit__(self, *exc):
         if not self.enabled:
             return
+        if self.zero is None and not self.init_shards:
+            return  # no partitioned parameter among them: the block was a no-op, as in DeepSpeed
         src = self.modifier_rank
+        group = self.zero.dp_group if self.zero is not None else None
+        modified = src is None and exc[0] is None and self._modified_anywhere(group)
+        self._repartition(src, restore=modified)
+        if modified:
+            raise RuntimeError("Detected in-place modification of ZeRO-3 parameters inside GatheredParameters with "
+                               "modifier_rank=None. Use modifier_rank=<rank> to broadcast updates across ranks.")
+
+    def _repartition(self, src, restore: bool = False) -> None:
+        """Partition again: rank `src`'s values broadcast first, or (src None) the shards as they were;
+        `restore`: a unit kept whole on every rank (persistent) is re-assembled from the shards too."""
         if self.zero is None:
             for shard in self.init_shards:
-                flat = torch.zeros(shard.padded, dtype=shard.dtype)
-                offset = 0
-                for q in shard.params:
-                    flat[offset:offset + q.numel()].copy_(q.detach().reshape(-1))
-                    offset += q.numel()
-                if src is not None and comm.get_world_size() > 1:
-                    comm.broadcast(flat, src=src)
-                shard.shard = flat[shard.rank * shard.chunk:(shard.rank + 1) * shard.chunk].clone()
+                if src is not None:  # read-only (src None): the shard is still what it was
+                    flat = torch.zeros(shard.padded, dtype=shard.dtype)
+                    offset = 0
+                    for q in shard.params:
+                        flat[offset:offset + q.numel()].copy_(q.detach().reshape(-1))
+                        offset += q.numel()
+                    if comm.get_world_size() > 1:
+                        comm.broadcast(flat, src=src)
+                    shard.shard = flat[shard.rank * shard.chunk:(shard.rank + 1) * shard.chunk].clone()
                 for q in shard.params:
                     q.data = torch.empty(0, dtype=q.dtype, device=q.device)
             return
@@ -292,4 +318,6 @@ class GatheredParameters:
                 self.zero.master_chunk(unit).copy_(flat[unit.mine].float())
                 if unit.flat is not None:
                     unit.flat.copy_(flat)
+            elif restore and unit.flat is not None and getattr(unit, "persistent", False):
+                self.zero.gather_into(unit, unit.shard.clone(), async_op=False)  # kept whole: re-assemble
             self.zero._release(unit)
