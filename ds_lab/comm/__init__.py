@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import threading
 import time
 from typing import Optional
 
@@ -94,6 +95,25 @@ def _call(rec: CommRecord, thunk):
         raise
 
 
+# Done-callbacks the backend's threads have still to run. They run Python, so they must all have run
+# before the interpreter finalizes: a C++ thread that asks for the GIL then is ended by pthread_exit,
+# and gloo's thread dies with "terminate called without an active exception" (see _destroy_at_exit).
+_callbacks_pending = [0]
+_pending_lock = threading.Lock()
+
+
+def _count_pending(change: int) -> None:
+    with _pending_lock:
+        _callbacks_pending[0] += change
+
+
+def _finished_in_backend(rec: CommRecord, t0: float) -> None:
+    try:
+        finish_record(rec, t0)
+    finally:
+        _count_pending(-1)
+
+
 def _run(op: str, nbytes: int, group, async_op: bool, thunk, peer: Optional[int] = None):
     rec = start_record(op, get_world_size(group), nbytes, link=_link(group, peer))
     t0 = time.perf_counter()
@@ -101,9 +121,10 @@ def _run(op: str, nbytes: int, group, async_op: bool, thunk, peer: Optional[int]
     if async_op:
         if op not in ("send", "recv"):  # gloo's point-to-point ops have no future: timed when waited on
             try:  # time the op when it completes, in the backend's thread: no sync forced here
-                work.get_future().add_done_callback(lambda _: finish_record(rec, t0))
+                _count_pending(+1)
+                work.get_future().add_done_callback(lambda _: _finished_in_backend(rec, t0))
             except (RuntimeError, AttributeError):
-                pass  # no future for this op on this backend: timed when waited on
+                _count_pending(-1)  # no future for this op on this backend: timed when waited on
         return Handle(work, rec, t0)
     finish_record(rec, t0)
     return None
@@ -254,8 +275,13 @@ def init_distributed(dist_backend: Optional[str] = None, timeout: Optional[float
 
 
 def _destroy_at_exit() -> None:
-    """At interpreter exit, shut the process group down while its backend threads can still be joined
-    (left to static destructors, gloo may abort the process: "terminate called without an active exception")."""
+    """At interpreter exit, let the backend's threads finish the done-callbacks they still owe (each
+    runs Python: one still waiting for the GIL when the interpreter finalizes aborts the process with
+    "terminate called without an active exception"), then shut the process group down while its
+    threads can still be joined. Waits at most 10 s for the callbacks."""
+    deadline = time.monotonic() + 10.0
+    while _callbacks_pending[0] > 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
     try:
         destroy()
     except Exception:  # the job is over; a peer that already left must not turn a clean exit into an error
