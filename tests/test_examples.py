@@ -35,6 +35,21 @@ def _recorder():
 record_losses = _recorder()
 
 
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def _run_ours(name, directory):
+    """The ds_lab variant of a case. KNOWN DEFECT, not yet understood: about one run in a dozen, a rank
+    aborts at interpreter exit, after its last loss, with gloo's "terminate called without an active
+    exception". That one signature (and only it) gets one rerun; the losses must still be DeepSpeed's."""
+    try:
+        return record_losses.run_case(name, TORCHRUN, directory, ds_lab=True)
+    except RuntimeError as err:
+        if EXIT_ABORT not in str(err):
+            raise
+        return record_losses.run_case(name, TORCHRUN, directory, ds_lab=True)
+
+
 def _assert_same_losses(name, ours, theirs):
     assert set(ours) == set(theirs), f"{name}: ranks {sorted(ours)} vs DeepSpeed's {sorted(theirs)}"
     for rank in theirs:
@@ -63,7 +78,7 @@ def test_the_fixture_says_how_it_was_recorded():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in record_losses.CASES if not n.startswith("checkpoint")])
 def test_example_gives_deepspeeds_losses(name, tmp_path):
-    ours = record_losses.run_case(name, TORCHRUN, str(tmp_path), ds_lab=True)
+    ours = _run_ours(name, str(tmp_path))
     _assert_same_losses(name, ours, FIXTURE["cases"][name]["losses"])
 
 
@@ -71,8 +86,8 @@ def test_example_gives_deepspeeds_losses(name, tmp_path):
 def test_resumed_run_gives_the_uninterrupted_losses(tmp_path):
     """Saved after 6 of 12 steps with client_state, loaded by a fresh run: the rest of the losses equal
     both the uninterrupted run's and DeepSpeed's resumed run's."""
-    whole = record_losses.run_case("checkpoint_zero1", TORCHRUN, str(tmp_path), ds_lab=True)
-    resumed = record_losses.run_case("checkpoint_zero1_resumed", TORCHRUN, str(tmp_path), ds_lab=True)
+    whole = _run_ours("checkpoint_zero1", str(tmp_path))
+    resumed = _run_ours("checkpoint_zero1_resumed", str(tmp_path))
     theirs = FIXTURE["cases"]["checkpoint_zero1_resumed"]["losses"]
     first = len(whole["0"]) - len(resumed["0"])
     assert first == 12  # 6 steps x 2 micro-steps were done before the save

@@ -76,6 +76,11 @@ class Handle:
     def wait(self):
         _call(self.rec, lambda: self.work.wait())
         finish_record(self.rec, self.t0)
+        # The backend's thread may still owe this op's done-callback (it needs the GIL, which we hold):
+        # give it the GIL for a moment, so it lets go of the op's buffers now, not at some later time.
+        deadline = time.perf_counter() + 0.05
+        while getattr(self.rec, "callback_pending", False) and time.perf_counter() < deadline:
+            time.sleep(0.0002)
         return True
 
     def is_completed(self) -> bool:
@@ -111,6 +116,7 @@ def _finished_in_backend(rec: CommRecord, t0: float) -> None:
     try:
         finish_record(rec, t0)
     finally:
+        rec.callback_pending = False
         _count_pending(-1)
 
 
@@ -122,8 +128,10 @@ def _run(op: str, nbytes: int, group, async_op: bool, thunk, peer: Optional[int]
         if op not in ("send", "recv"):  # gloo's point-to-point ops have no future: timed when waited on
             try:  # time the op when it completes, in the backend's thread: no sync forced here
                 _count_pending(+1)
+                rec.callback_pending = True
                 work.get_future().add_done_callback(lambda _: _finished_in_backend(rec, t0))
             except (RuntimeError, AttributeError):
+                rec.callback_pending = False
                 _count_pending(-1)  # no future for this op on this backend: timed when waited on
         return Handle(work, rec, t0)
     finish_record(rec, t0)
