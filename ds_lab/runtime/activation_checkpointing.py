@@ -44,32 +44,27 @@ import contextlib
 import json
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from ds_lab import comm
 from ds_lab.comm.topology import get_grid
+from ds_lab.config.features import ActivationCheckpointingConfig
 from ds_lab.monitor.memory import ActivationTracker
 from ds_lab.parallel.random import (device_rng_state, get_cuda_rng_tracker,  # noqa: F401 (re-exported)
                                     get_rng_tracker, model_parallel_cuda_manual_seed, set_device_rng_state)
 
 SECTION = "activation_checkpointing"
-OPTIONS = ("partition_activations", "contiguous_memory_optimization", "cpu_checkpointing", "number_checkpoints",
-           "synchronize_checkpoint_boundary", "profile")
+OPTIONS = tuple(f.name for f in fields(ActivationCheckpointingConfig))  # the config section's keys
 
 
 @dataclass
-class Settings:
-    """The module's state, as DeepSpeed keeps it in globals (PARTITION_ACTIVATIONS, CPU_CHECKPOINT, ...)."""
+class Settings(ActivationCheckpointingConfig):
+    """The module's state, as DeepSpeed keeps it in globals (PARTITION_ACTIVATIONS, CPU_CHECKPOINT, ...):
+    the config section's options, plus where they came from."""
 
     configured: bool = False
-    partition_activations: bool = False
-    contiguous_memory_optimization: bool = False
-    cpu_checkpointing: bool = False
-    number_checkpoints: int | None = None
-    synchronize_checkpoint_boundary: bool = False
-    profile: bool = False
     mpu: object = None  # what names the model-parallel group: an mpu, or the engine's grid
     from_engine: bool = False  # set by an engine from its config: the next engine replaces them
 
