@@ -32,7 +32,7 @@ def _torchrun(nnodes: int, per_node: int, steps: int = 3) -> tuple:
                  "--master_port", str(port), SCRIPT, "--steps", str(steps)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
                 start_new_session=True))
-        outs = [p.communicate(timeout=150) for p in procs]
+        outs = [p.communicate(timeout=400) for p in procs]
     finally:
         for p in procs:  # its process group holds torchrun's ranks too
             try:
