@@ -10,14 +10,17 @@ import ds_lab
 from ds_lab import comm
 
 
-def train(steps: int = 4) -> list:
-    """A tiny regression trained with ds_lab.initialize; the mean loss over ranks at each step."""
+def train(steps: int = 4, engines: list = None) -> list:
+    """A tiny regression trained with ds_lab.initialize; the mean loss over ranks at each step.
+    `engines`: a list to keep the engine in (a script that holds it to the end)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     world = comm.get_world_size() if comm.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     config = {"train_batch_size": 4 * world, "train_micro_batch_size_per_gpu": 4,
               "optimizer": {"type": "AdamW", "params": {"lr": 0.05}}}
     engine, _, _, _ = ds_lab.initialize(model=model, config=config)
+    if engines is not None:
+        engines.append(engine)
     generator = torch.Generator().manual_seed(1)
     data = torch.randn(steps, world, 4, 8, generator=generator)  # every rank draws the same, takes its own
     losses = []
@@ -61,3 +64,46 @@ def hang_in_all_reduce(timeout: float) -> None:
     if comm.get_rank() == 1:
         time.sleep(timeout + 30)
     comm.all_reduce(torch.ones(1))
+
+
+def gloo_threads_after_destroy(variant: str) -> tuple:
+    """Train, then comm.destroy(): the names of the backend's threads (before, after) in this rank.
+    variant: "dropped" (the engine is gone), "held" (the script still holds it), "hierarchical" (a
+    hierarchical all-reduce ran too), "late_import" (torch.distributed.nn.functional imported while
+    the group existed: its defaults hold the world group)."""
+    import importlib
+
+    import torch.distributed.nn.functional as dist_nn
+    from ds_lab.comm.hierarchical import hierarchical_all_reduce
+    engines = []
+    train(2, engines if variant == "held" else None)
+    if variant == "hierarchical":
+        hierarchical_all_reduce(torch.ones(3))
+    if variant == "late_import":
+        importlib.reload(dist_nn)
+        assert dist_nn.all_reduce.__defaults__[-1] is not None  # the world group, pinned
+    before = _gloo_threads()
+    comm.destroy()
+    return before, _gloo_threads()
+
+
+def _gloo_threads() -> list:
+    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    return sorted(name for name in names if "gloo" in name)
+
+
+def done_callbacks_let_go(ops: int = 20) -> tuple:
+    """Issue `ops` async all-reduces and wait on them: (callbacks watched, still held after 5 s)."""
+    class Counted(set):
+        added = 0
+
+        def add(self, ref):
+            Counted.added += 1
+            super().add(ref)
+    comm._live_callbacks = Counted()
+    for handle in [comm.all_reduce(torch.ones(1000), async_op=True) for _ in range(ops)]:
+        handle.wait()
+    deadline = time.monotonic() + 5
+    while comm._live_callbacks and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return Counted.added, len(comm._live_callbacks)

@@ -173,3 +173,20 @@ def test_the_parent_never_initialises_cuda(monkeypatch):
     monkeypatch.setattr(runner, "_gpu_count_in_subprocess", lambda: 2)
     assert runner.gpu_count() == 2
     assert not torch.cuda.is_initialized()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc (Linux)")
+@pytest.mark.parametrize("variant", ["dropped", "held", "hierarchical", "late_import"])
+def test_destroy_ends_the_backend_threads(variant):
+    """comm.destroy() lets go of every process group ds_lab holds (the grid, the checkpointing mpu, the
+    hierarchical all-reduce, torch.distributed.nn's defaults), so gloo joins its threads there and then,
+    not while the interpreter finalizes: a backend thread that asks for the GIL then aborts the rank
+    ("terminate called without an active exception")."""
+    for before, after in ds_lab.launch(runner_workers.gloo_threads_after_destroy, 2, variant):
+        assert "pt_gloo_runloop" in before and after == [], (before, after)
+
+
+def test_the_backend_lets_go_of_every_done_callback():
+    """Each async op's done-callback is watched until gloo's thread has let go of it (taking the GIL for
+    the last time): the set empties, so the wait at exit (comm._destroy_at_exit) ends."""
+    assert ds_lab.launch(runner_workers.done_callbacks_let_go, 2, 20) == [(20, 0), (20, 0)]

@@ -40,7 +40,9 @@ def _torchrun(nnodes: int, per_node: int, steps: int = 3) -> tuple:
             except ProcessLookupError:
                 pass
             p.wait()
-    assert [p.returncode for p in procs] == [0] * nnodes, outs
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * nnodes, "\n".join(  # each node's exit code and the end of its stderr
+        f"--- node {node}: exit code {code}\n{err[-4000:]}" for node, (code, (_, err)) in enumerate(zip(codes, outs)))
     text = "".join(out for out, _ in outs)
     losses = [json.loads(line.split("LOSSES ", 1)[1]) for line in text.splitlines() if line.startswith("LOSSES ")]
     envs = [json.loads(line.split("ENV ", 1)[1]) for line in text.splitlines() if line.startswith("ENV ")]

@@ -28,12 +28,17 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-import threading
+import sys
 import time
-from typing import Optional
+import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: this torch module writes `group=WORLD` as its
+# functions' defaults, so importing it later (torch's optimizers and compiler import it lazily) pins
+# the world group of that moment -- and its backend threads -- in those defaults forever.
+import torch.distributed.nn.functional  # noqa: F401
 
 from ds_lab.comm import nodes
 from ds_lab.comm.trace import (RECENT_RECORDS, CommRecord, add_listener, bus_factor, configure_logger,
@@ -43,7 +48,7 @@ from ds_lab.comm.trace import (RECENT_RECORDS, CommRecord, add_listener, bus_fac
 __all__ = ["CommRecord", "CollectiveTimeoutError", "ReduceOp", "RECENT_RECORDS", "add_listener", "all_gather",
            "all_reduce", "all_to_all", "barrier", "broadcast", "bus_factor", "configure_logger", "default_backend",
            "default_timeout", "destroy", "device", "format_summary", "get_backend", "get_global_rank", "get_log", "get_rank", "group_ranks",
-           "forget_inherited", "get_world_size", "init_distributed", "irecv", "is_initialized", "isend", "log_summary", "new_group",
+           "forget_inherited", "get_world_size", "at_destroy", "init_distributed", "irecv", "is_initialized", "isend", "log_summary", "new_group",
            "record_count", "recv", "remove_listener", "reset_log", "send", "summarize", "tag", "tcp_store"]
 
 ReduceOp = dist.ReduceOp
@@ -100,16 +105,13 @@ def _call(rec: CommRecord, thunk):
         raise
 
 
-# Done-callbacks the backend's threads have still to run. They run Python, so they must all have run
-# before the interpreter finalizes: a C++ thread that asks for the GIL then is ended by pthread_exit,
-# and gloo's thread dies with "terminate called without an active exception" (see _destroy_at_exit).
-_callbacks_pending = [0]
-_pending_lock = threading.Lock()
-
-
-def _count_pending(change: int) -> None:
-    with _pending_lock:
-        _callbacks_pending[0] += change
+# The done-callbacks the backend's threads still hold. A callback runs Python in a gloo thread, and
+# that thread takes the GIL once more to let go of it. A C++ thread that asks for the GIL after the
+# interpreter began to finalize is ended by pthread_exit, which gloo's thread turns into an abort:
+# "terminate called without an active exception". So each callback is watched by a weak reference
+# whose own callback (`set.discard`, a builtin: no bytecode runs there, so the GIL cannot change hands)
+# takes it off this set once the backend has let go of it; at exit we wait for the set to empty.
+_live_callbacks: set = set()
 
 
 def _finished_in_backend(rec: CommRecord, t0: float) -> None:
@@ -117,7 +119,6 @@ def _finished_in_backend(rec: CommRecord, t0: float) -> None:
         finish_record(rec, t0)
     finally:
         rec.callback_pending = False
-        _count_pending(-1)
 
 
 def _run(op: str, nbytes: int, group, async_op: bool, thunk, peer: Optional[int] = None):
@@ -126,13 +127,14 @@ def _run(op: str, nbytes: int, group, async_op: bool, thunk, peer: Optional[int]
     work = _call(rec, thunk)
     if async_op:
         if op not in ("send", "recv"):  # gloo's point-to-point ops have no future: timed when waited on
+            def done(_future, rec=rec, t0=t0):
+                _finished_in_backend(rec, t0)
+            _live_callbacks.add(weakref.ref(done, _live_callbacks.discard))
             try:  # time the op when it completes, in the backend's thread: no sync forced here
-                _count_pending(+1)
                 rec.callback_pending = True
-                work.get_future().add_done_callback(lambda _: _finished_in_backend(rec, t0))
+                work.get_future().add_done_callback(done)
             except (RuntimeError, AttributeError):
-                rec.callback_pending = False
-                _count_pending(-1)  # no future for this op on this backend: timed when waited on
+                rec.callback_pending = False  # no future for this op on this backend: timed when waited on
         return Handle(work, rec, t0)
     finish_record(rec, t0)
     return None
@@ -283,12 +285,11 @@ def init_distributed(dist_backend: Optional[str] = None, timeout: Optional[float
 
 
 def _destroy_at_exit() -> None:
-    """At interpreter exit, let the backend's threads finish the done-callbacks they still owe (each
-    runs Python: one still waiting for the GIL when the interpreter finalizes aborts the process with
-    "terminate called without an active exception"), then shut the process group down while its
-    threads can still be joined. Waits at most 10 s for the callbacks."""
+    """At interpreter exit, let the backend's threads run and let go of the done-callbacks they still
+    hold (see `_live_callbacks`), then shut the process groups down while their threads can still be
+    joined. Waits at most 10 s for the callbacks."""
     deadline = time.monotonic() + 10.0
-    while _callbacks_pending[0] > 0 and time.monotonic() < deadline:
+    while _live_callbacks and time.monotonic() < deadline:
         time.sleep(0.005)
     try:
         destroy()
@@ -302,10 +303,37 @@ def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: f
                          timeout=datetime.timedelta(seconds=timeout))
 
 
+_destroy_hooks: list = []
+
+
+def at_destroy(hook: Callable[[], None]) -> None:
+    """Have `destroy()` call `hook()` first: a module that keeps process groups (the grid, a
+    checkpointing mpu) lets go of them there. Registered once per hook."""
+    if hook not in _destroy_hooks:
+        _destroy_hooks.append(hook)
+
+
 def destroy() -> None:
+    """Shut every process group down (DeepSpeed's `destroy_process_group`). What ds_lab itself holds
+    on to is dropped first (`at_destroy` hooks), so that the groups really end here and the backend
+    joins its threads now, not while the interpreter finalizes (see `_live_callbacks`); a group the
+    caller still holds lives on (a torch.distributed rule) until the caller lets go of it."""
     _group_ranks.clear(), _links.clear()
+    for hook in list(_destroy_hooks):
+        hook()
     if is_initialized():
         dist.destroy_process_group()
+    _forget_stale_defaults()
+
+
+def _forget_stale_defaults() -> None:
+    """torch.distributed.nn.functional, if imported while a group existed, holds that world group in
+    its functions' defaults: put torch's own default (None: the world of the day) back."""
+    module = sys.modules.get("torch.distributed.nn.functional")
+    for fn in vars(module).values() if module else ():
+        defaults = getattr(fn, "__defaults__", None)
+        if defaults and any(isinstance(d, dist.ProcessGroup) for d in defaults):
+            fn.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in defaults)
 
 
 _inherited: list = []  # process groups a forked child copied from its parent: kept, never shut down

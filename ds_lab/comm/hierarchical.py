@@ -124,6 +124,15 @@ class _Pending:
 _world = None  # the world's instance, built on first use
 
 
+def _forget_world() -> None:
+    """comm.destroy's hook: the world's instance must not keep destroyed groups (and threads) alive."""
+    global _world
+    _world = None
+
+
+comm.at_destroy(_forget_world)
+
+
 def hierarchical_all_reduce(tensor: torch.Tensor, async_op: bool = False):
     """`comm.all_reduce(tensor)` over the whole world, hierarchically. Every rank must call it
     (the first call builds the groups, collectively); for a sub-group use `HierarchicalAllReduce`."""

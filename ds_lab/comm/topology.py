@@ -10,6 +10,8 @@ fastest links), as in Megatron-LM and DeepSpeed's PipeModelDataParallelTopology.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ds_lab import comm
@@ -69,9 +71,17 @@ class ProcessGroups:
                 group = None if len(ranks) == topology.world_size else comm.new_group(ranks)
                 if self.rank in ranks:
                     self.groups[axis], self.ranks[axis] = group, ranks
+        _built.add(self)
 
     def group(self, axis: str):
+        if self.groups is None:
+            raise RuntimeError(f"{self}: its process groups were destroyed (comm.destroy); "
+                               f"build a new grid after comm.init_distributed()")
         return self.groups[axis]
+
+    def release(self) -> None:
+        """Let go of the process groups (comm.destroy calls this): the backend can then end them."""
+        self.groups = None
 
     def size(self, axis: str) -> int:
         return len(self.ranks[axis])
@@ -93,7 +103,7 @@ class ProcessGroups:
 
     # the names DeepSpeed's `mpu` object uses
     def get_data_parallel_group(self):
-        return self.groups["data"]
+        return self.group("data")
 
     def get_data_parallel_world_size(self):
         return self.size("data")
@@ -102,7 +112,7 @@ class ProcessGroups:
         return self.rank_in("data")
 
     def get_model_parallel_group(self):
-        return self.groups["model"]
+        return self.group("model")
 
     def get_model_parallel_world_size(self):
         return self.size("model")
@@ -111,7 +121,7 @@ class ProcessGroups:
         return self.rank_in("model")
 
     def get_pipe_parallel_group(self):
-        return self.groups["pipe"]
+        return self.group("pipe")
 
     def get_pipe_parallel_world_size(self):
         return self.size("pipe")
@@ -143,9 +153,10 @@ class MpuGroups(ProcessGroups):
                              f"{self.size('model')} = {product}, but the job has {self.world_size} ranks; "
                              f"an mpu must describe every rank")
         self.topology = ProcessTopology(self.size("pipe"), self.size("data"), self.size("model"))
+        _built.add(self)
 
     def group(self, axis: str):
-        group = self.groups[axis]
+        group = super().group(axis)
         if group is _SINGLE:
             raise ValueError(f"the mpu defines no {axis}-parallel group; its size is 1")
         return group
@@ -155,6 +166,18 @@ _SINGLE = object()  # an axis of size 1 that the mpu does not define
 
 
 _current = None  # the grid set up for this process (initialize_model_parallel), if any
+_built: "weakref.WeakSet" = weakref.WeakSet()  # every grid built in this process and still alive
+
+
+def _release_all() -> None:
+    """comm.destroy's hook: no grid keeps a destroyed process group (and its threads) alive."""
+    global _current
+    _current = None
+    for groups in list(_built):
+        groups.release()
+
+
+comm.at_destroy(_release_all)
 
 
 def set_grid(groups) -> None:

@@ -72,6 +72,15 @@ class Settings(ActivationCheckpointingConfig):
 settings = Settings()
 
 
+def _forget_mpu() -> None:
+    """comm.destroy's hook: the mpu named process groups that are gone; holding it would keep them
+    (and their backend threads) alive."""
+    settings.mpu = None
+
+
+comm.at_destroy(_forget_mpu)
+
+
 def _section(deepspeed_config) -> dict:
     """The `activation_checkpointing` section of a config given as a path, a dict or a DeepSpeedConfig."""
     if isinstance(deepspeed_config, str):
