@@ -7,13 +7,17 @@ DeepSpeed, here DeepSpeed 0.19.8 on CPU):
 
     python examples/record_losses.py --torchrun /path/to/deepspeed-venv/bin/torchrun
 
-tests/test_examples.py runs the same cases on ds_lab (with this Python's torchrun) and compares.
+The last bits of the CPU kernels depend on the CPU (torch's vector code path, the BLAS's choices),
+so each recording names the CPU it was made on, and a recording made on another CPU is added to the
+fixture, not swapped in. tests/test_examples.py runs the same cases on ds_lab (with this Python's
+torchrun) and compares with the recording made on a CPU like this one.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -84,7 +88,32 @@ def run_case(name: str, torchrun: str, directory: str, ds_lab: bool, env: dict |
     return parse_losses(result.stdout)
 
 
-def record(torchrun: str) -> dict:
+def cpu(python: str | None = None) -> dict:
+    """The CPU as the kernels see it: torch's capability (its vector instruction set) and the model name,
+    asked of `python`'s torch (None: this process's)."""
+    if python is None:
+        import torch
+        capability = torch.backends.cpu.get_cpu_capability()
+    else:
+        capability = subprocess.run([python, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"capability": capability, "model": model}
+
+
+def recordings(fixture: dict) -> list:
+    """Every recording in a fixture: [{"cpu": {...} or None (not recorded), "cases": {...}}]."""
+    return fixture.get("recordings") or [{"cpu": None, "cases": fixture["cases"]}]
+
+
+def record(torchrun: str, previous: dict | None = None) -> dict:
+    """Record every case with the DeepSpeed of `torchrun`'s Python. `previous`: a fixture whose
+    recordings made on other CPUs are kept (one recording per CPU)."""
     import importlib.metadata as metadata
 
     python = str(Path(torchrun).with_name("python"))
@@ -95,13 +124,16 @@ def record(torchrun: str) -> dict:
                "world_size": WORLD_SIZE, "ds_lab_torch": metadata.version("torch"),
                "command": "DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 examples/<script> "
                           "--deepspeed --deepspeed_config examples/<config> <args>",
-               "cases": {}}
+               "recordings": []}
+    this_cpu, cases = cpu(python), {}
     with tempfile.TemporaryDirectory() as checkpoints:
         for name, (script, config, extra) in CASES.items():
             print(f"recording {name}", flush=True)
             losses = run_case(name, torchrun, checkpoints, ds_lab=False, env={"DS_ACCELERATOR": "cpu"})
-            fixture["cases"][name] = {"script": f"examples/{script}", "config": f"examples/{config}",
-                                      "args": extra, "command": shell_command(name), "losses": losses}
+            cases[name] = {"script": f"examples/{script}", "config": f"examples/{config}",
+                           "args": extra, "command": shell_command(name), "losses": losses}
+    kept = [r for r in recordings(previous) if r["cpu"] != this_cpu] if previous else []
+    fixture["recordings"] = kept + [{"cpu": this_cpu, "cases": cases}]
     return fixture
 
 
@@ -109,8 +141,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--torchrun", required=True, help="torchrun of a Python environment with DeepSpeed")
     parser.add_argument("--out", default=str(FIXTURE))
+    parser.add_argument("--replace", action="store_true", help="drop the recordings made on other CPUs")
     args = parser.parse_args()
-    fixture = record(args.torchrun)
+    previous = None if args.replace or not Path(args.out).exists() else json.loads(Path(args.out).read_text())
+    fixture = record(args.torchrun, previous)
     Path(args.out).write_text(json.dumps(fixture, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -6,11 +6,16 @@ DeepSpeed on CPU (`python examples/record_losses.py --torchrun <deepspeed venv>/
 exact command, world size and versions are in the file). Here the same scripts run under torchrun
 with ds_lab in place of deepspeed.
 
-Tolerance: none. Both sides run the same torch build on the same CPU with the same seeds, the same
-data order and the same arithmetic (the order of the additions and where each rounding to bf16 happens
-are DeepSpeed's, see runtime/precision.py), so the losses are bitwise equal, in fp32 and in bf16
-(ZeRO 0, 1, 2; gradient accumulation in bf16 and in fp32). A different torch build or CPU may change
-the last bits of the kernels on both sides: re-record the fixture there rather than loosen this.
+Tolerance: none, against the recording made on a CPU like this one. Both sides run the same torch
+build on the same CPU with the same seeds, the same data order and the same arithmetic (the order of
+the additions and where each rounding to bf16 happens are DeepSpeed's, see runtime/precision.py), so
+the losses are bitwise equal, in fp32 and in bf16 (ZeRO 0, 1, 2; gradient accumulation in bf16 and in
+fp32). Measured on two CPUs, each against its own recording. Another CPU changes the last bits of the
+kernels on both sides (torch's vector code path, the BLAS's choices), so the fixture keeps one
+recording per CPU. On a CPU it has none for, the losses must equal one of the recordings bitwise, or
+else be within OTHER_CPU_REL of one: measured between the two CPUs, fp32 runs differ by at most 2.3e-7
+relative, while bf16 runs, whose 1-ulp differences grow over 96 micro-steps, differ by up to 3.9e-2.
+That fallback is a weaker check; the failure message says how to add this CPU's recording.
 """
 import importlib.util
 import json
@@ -23,6 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = json.loads((ROOT / "tests" / "deepspeed_examples.json").read_text())
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+OTHER_CPU_REL = {"fp32": 1e-5, "bf16": 0.06}  # on a CPU with no recording (measured: 2.3e-7, 3.9e-2)
 
 
 def _recorder():
@@ -33,6 +39,8 @@ def _recorder():
 
 
 record_losses = _recorder()
+RECORDINGS = record_losses.recordings(FIXTURE)
+THIS_CPU = record_losses.cpu()
 
 
 EXIT_ABORT = "terminate called without an active exception"
@@ -50,12 +58,36 @@ def _run_ours(name, directory):
         return record_losses.run_case(name, TORCHRUN, directory, ds_lab=True)
 
 
-def _assert_same_losses(name, ours, theirs):
+def _assert_same_losses(name, ours, theirs, rel=0.0):
+    """Every rank's losses, micro-step by micro-step: equal (rel 0), or within `rel` relative."""
     assert set(ours) == set(theirs), f"{name}: ranks {sorted(ours)} vs DeepSpeed's {sorted(theirs)}"
     for rank in theirs:
         assert len(ours[rank]) == len(theirs[rank]), f"{name} rank {rank}: {len(ours[rank])} micro-steps"
         for step, (a, b) in enumerate(zip(ours[rank], theirs[rank])):
-            assert a == b, f"{name} rank {rank} micro-step {step}: ds_lab {a!r} != DeepSpeed {b!r}"
+            assert abs(a - b) <= rel * abs(b), f"{name} rank {rank} micro-step {step}: ds_lab {a!r} != DeepSpeed {b!r}"
+
+
+def _precision(name) -> str:
+    config = json.loads((ROOT / "examples" / record_losses.CASES[name][1]).read_text())
+    return "bf16" if config.get("bf16", {}).get("enabled") else "fp32"
+
+
+def _assert_deepspeeds(name, ours):
+    """ds_lab's losses against DeepSpeed's: bitwise against the recording made on this CPU; on a CPU with
+    none, bitwise against one of the recordings or else within OTHER_CPU_REL of one."""
+    same_cpu = [r for r in RECORDINGS if r["cpu"] == THIS_CPU]
+    if same_cpu:
+        return _assert_same_losses(name, ours, same_cpu[0]["cases"][name]["losses"])
+    rel, failures = OTHER_CPU_REL[_precision(name)], []
+    for tolerance in (0.0, rel):
+        for recording in RECORDINGS:
+            try:
+                return _assert_same_losses(name, ours, recording["cases"][name]["losses"], rel=tolerance)
+            except AssertionError as err:
+                failures.append(f"recorded on {recording['cpu'] or 'an unnamed CPU'}, rel {tolerance:g}: {err}")
+    raise AssertionError(f"{name}: no recording was made on this CPU ({THIS_CPU}), and the losses are not within "
+                         f"{rel:g} of any (add one: python examples/record_losses.py --torchrun "
+                         f"<venv with deepspeed 0.19.8>/bin/torchrun):\n" + "\n".join(failures))
 
 
 def test_only_the_imports_change():
@@ -69,17 +101,19 @@ def test_only_the_imports_change():
 
 def test_the_fixture_says_how_it_was_recorded():
     assert FIXTURE["deepspeed"] == "0.19.8" and FIXTURE["world_size"] == 2 and "torchrun" in FIXTURE["command"]
-    for name, case in FIXTURE["cases"].items():
-        assert set(case["losses"]) == {"0", "1"}, name
-    bf16_steps = [len(c["losses"]["0"]) for n, c in FIXTURE["cases"].items() if "bf16_zero1" in n]
-    assert min(bf16_steps) >= 20 * 4  # >= 20 optimizer steps of 4 micro-steps
+    for recording in RECORDINGS:
+        assert set(recording["cases"]) == set(record_losses.CASES), recording["cpu"]
+        for name, case in recording["cases"].items():
+            assert set(case["losses"]) == {"0", "1"}, name
+        bf16_steps = [len(c["losses"]["0"]) for n, c in recording["cases"].items() if "bf16_zero1" in n]
+        assert min(bf16_steps) >= 20 * 4  # >= 20 optimizer steps of 4 micro-steps
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in record_losses.CASES if not n.startswith("checkpoint")])
 def test_example_gives_deepspeeds_losses(name, tmp_path):
     ours = _run_ours(name, str(tmp_path))
-    _assert_same_losses(name, ours, FIXTURE["cases"][name]["losses"])
+    _assert_deepspeeds(name, ours)
 
 
 @pytest.mark.slow
@@ -88,11 +122,10 @@ def test_resumed_run_gives_the_uninterrupted_losses(tmp_path):
     both the uninterrupted run's and DeepSpeed's resumed run's."""
     whole = _run_ours("checkpoint_zero1", str(tmp_path))
     resumed = _run_ours("checkpoint_zero1_resumed", str(tmp_path))
-    theirs = FIXTURE["cases"]["checkpoint_zero1_resumed"]["losses"]
     first = len(whole["0"]) - len(resumed["0"])
     assert first == 12  # 6 steps x 2 micro-steps were done before the save
     _assert_same_losses("resumed vs uninterrupted", resumed, {r: whole[r][first:] for r in whole})
-    _assert_same_losses("checkpoint_zero1_resumed", resumed, theirs)
+    _assert_deepspeeds("checkpoint_zero1_resumed", resumed)
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 

@@ -60,11 +60,21 @@ def tensor_census(dtypes=None, collect=True) -> dict:
     return out
 
 
-def census_since(before: dict, dtypes=None) -> dict:
+def census_since(before: dict, dtypes=None, settle_s: float = 1.0) -> dict:
     """What a census gained since `before` (an earlier census): the tensors this code created.
     A forked rank starts with a copy of its parent's objects (a notebook's models and batches);
-    subtracting the census taken when the rank started leaves out what it inherited."""
+    subtracting the census taken when the rank started leaves out what it inherited.
+
+    A collective's temporary buffer can outlive the op by a moment: the backend's thread drops its
+    last reference just after the op completes. So the census is taken again, 10 ms later, until two
+    in a row agree (for at most `settle_s` seconds)."""
     now = tensor_census(dtypes)
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        now, previous = tensor_census(dtypes), now
+        if now == previous:
+            break
     return {name: now.get(name, 0) - before.get(name, 0) for name in sorted(set(now) | set(before))
             if now.get(name, 0) != before.get(name, 0)}
 
