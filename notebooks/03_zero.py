@@ -453,6 +453,39 @@ for rank, r in enumerate(gathered):
 
 
 # %% [markdown]
+# ### Offload: the optimizer's share in host memory
+#
+# When even 2Ψ + 14Ψ/N does not fit, ZeRO-Offload moves the optimizer's part of the model states
+# to the host: `"offload_optimizer": {"device": "cpu"}`. The fp32 master shard, Adam's two moments
+# and an fp32 copy of the averaged gradient shard live in host memory (larger than a GPU's, and
+# slower to reach), and the optimizer step runs there, on the CPU. The device keeps the 16-bit
+# weights and gradients. Each step the gradient shard crosses to the host once (after the last
+# reduce-scatter), and the updated weights come back once (before the all-gather). At stage 2 the
+# device then holds 2Ψ + 2Ψ/N, and the host 16Ψ/N: 4Ψ/N master, 8Ψ/N moments, and 4Ψ/N for the fp32
+# gradient copy, which is the price of the move. The other price is time: that traffic, and an
+# optimizer step at CPU speed (`ds_lab/zero/offload.py`).
+#
+# This machine has no GPU, so "device" and "host" are the same memory here and nothing physically
+# moves. The code path is the real one, though (explicit copies between host buffers and device
+# buffers), and the ledger files each tensor under where the engine designates it to live
+# (`memory_report()["placement"]`). Stage 2, the same batches, the optimizer offloaded:
+
+# %%
+offloaded = ds_lab.launch(zero_train, WORLD, config(2, offload_optimizer={"device": "cpu", "pin_memory": True}),
+                          batches, MODEL)
+placement = offloaded[0]["memory"]["placement"]
+print(f"{'rank 0, bytes':18s} {'host':>12s} {'device':>12s}   (stage 2, N = {WORLD}, Ψ = {PSI:,})")
+for category, where in placement.items():
+    print(f"{category:18s} {where['host']:>12,} {where['device']:>12,}")
+host = sum(where["host"] for where in placement.values())
+device = sum(where["device"] for where in placement.values())
+print(f"{'total':18s} {host:>12,} {device:>12,}   host = {host / PSI:.2f}Ψ, device = {device / PSI:.2f}Ψ "
+      f"(without offload: {sum(model_states(runs[2][0]['memory']).values()) / PSI:.2f}Ψ on the device)")
+print("same losses as stage 2 without offload, bit for bit:",
+      [r["losses"] for r in offloaded] == [r["losses"] for r in runs[2]])
+
+
+# %% [markdown]
 # ## Measure
 #
 # ### Memory per rank
@@ -796,6 +829,20 @@ print(f"construction peak {built['peak_bytes']:,} bytes under Init vs {whole_bui
       f"whole parameters in use at once: {init_run[0]['peak_whole']:,} bytes")
 
 # %%
+# Offload (stage 2, optimizer in host memory): the device keeps 2Ψ + 2Ψ/N (the bf16 weights and this
+# rank's bf16 gradient shard), the host 16Ψ/N (fp32 master, Adam's m and v, the fp32 gradient shard),
+# to the byte; and the run is the same run: its losses equal stage 2's bit for bit on every rank.
+psi_2 = PSI_PADDED[2]
+for r in offloaded:
+    where = r["memory"]["placement"]
+    assert {c: w["device"] for c, w in where.items() if w["device"]} == {"params": 2 * PSI, "grads": 2 * psi_2 // WORLD}
+    assert {c: w["host"] for c, w in where.items() if w["host"]} == {
+        "master_params": 4 * psi_2 // WORLD, "optimizer_states": 8 * psi_2 // WORLD, "grads": 4 * psi_2 // WORLD}
+assert [r["losses"] for r in offloaded] == [r["losses"] for r in runs[2]]
+print("offload: device", sum(w["device"] for w in placement.values()) / PSI, "Ψ, host",
+      sum(w["host"] for w in placement.values()) / PSI, "Ψ")
+
+# %%
 # The estimator reproduces the paper's Figure 1 (Ψ = 7.5B, N = 64): 120, 31.4, 16.6, 1.9 GB.
 assert {stage: round(gb, 1) for stage, gb in figure_1.items()} == FIGURE_1
 # What fits in 80 GB: stage 0 is N-independent (5B); stages 1 and 2 approach 20B and 40B; stage 3 grows with N.
@@ -917,6 +964,8 @@ assert reuse[0]["losses"] == reuse[DISTANCES[1]]["losses"] == reuse[10**9]["loss
 #   `stage3_max_reuse_distance` keeps them gathered. Nothing else travels but a scalar norm.
 # - Every stage trains to the same losses as data parallelism (bit-identical first step in
 #   bf16, within 10⁻⁵ in fp32): ZeRO changes where the states live, not the math.
+# - Offload moves the optimizer's share (master weights, Adam's moments, an fp32 gradient copy:
+#   16Ψ/N) to host memory: at stage 2 the device keeps 2Ψ + 2Ψ/N, and the losses do not change.
 # - `zero.Init` builds a model already partitioned (one module whole at a time), so a model that
 #   doesn't fit on one GPU can still be built. `GatheredParameters` gathers a weight on purpose;
 #   `modifier_rank` makes a change stick. The article's `engine.zero.Init(module=model)` is neither.
