@@ -47,9 +47,12 @@ EXIT_ABORT = "terminate called without an active exception"
 
 
 def _run_ours(name, directory):
-    """The ds_lab variant of a case. KNOWN DEFECT, not yet understood: about one run in a dozen, a rank
-    aborts at interpreter exit, after its last loss, with gloo's "terminate called without an active
-    exception". That one signature (and only it) gets one rerun; the losses must still be DeepSpeed's."""
+    """The ds_lab variant of a case. A rank once in a while aborted at interpreter exit, after its last
+    loss, with gloo's "terminate called without an active exception": a backend thread that still had
+    to take the GIL (to let go of a done-callback or a buffer) after the interpreter began to finalize.
+    comm.destroy now ends the backend's threads before that (tests/test_launch_hardening.py checks it).
+    Until that has held for many runs, that one signature (and only it) gets one rerun; the losses
+    must still be DeepSpeed's."""
     try:
         return record_losses.run_case(name, TORCHRUN, directory, ds_lab=True)
     except RuntimeError as err:
