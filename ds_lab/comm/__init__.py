@@ -114,13 +114,6 @@ def _call(rec: CommRecord, thunk):
 _live_callbacks: set = set()
 
 
-def _finished_in_backend(rec: CommRecord, t0: float) -> None:
-    try:
-        finish_record(rec, t0)
-    finally:
-        rec.callback_pending = False
-
-
 def _run(op: str, nbytes: int, group, async_op: bool, thunk, peer: Optional[int] = None):
     rec = start_record(op, get_world_size(group), nbytes, link=_link(group, peer))
     t0 = time.perf_counter()
@@ -128,7 +121,10 @@ def _run(op: str, nbytes: int, group, async_op: bool, thunk, peer: Optional[int]
     if async_op:
         if op not in ("send", "recv"):  # gloo's point-to-point ops have no future: timed when waited on
             def done(_future, rec=rec, t0=t0):
-                _finished_in_backend(rec, t0)
+                try:
+                    finish_record(rec, t0)
+                finally:
+                    rec.callback_pending = False
             _live_callbacks.add(weakref.ref(done, _live_callbacks.discard))
             try:  # time the op when it completes, in the backend's thread: no sync forced here
                 rec.callback_pending = True
