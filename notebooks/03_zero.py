@@ -831,13 +831,16 @@ print(f"construction peak {built['peak_bytes']:,} bytes under Init vs {whole_bui
 # %%
 # Offload (stage 2, optimizer in host memory): the device keeps 2Ψ + 2Ψ/N (the bf16 weights and this
 # rank's bf16 gradient shard), the host 16Ψ/N (fp32 master, Adam's m and v, the fp32 gradient shard),
-# to the byte; and the run is the same run: its losses equal stage 2's bit for bit on every rank.
+# to the byte, in the ledger and in the census; and the run is the same run: its losses equal stage 2's bit for bit on every rank.
 psi_2 = PSI_PADDED[2]
 for r in offloaded:
     where = r["memory"]["placement"]
     assert {c: w["device"] for c, w in where.items() if w["device"]} == {"params": 2 * PSI, "grads": 2 * psi_2 // WORLD}
     assert {c: w["host"] for c, w in where.items() if w["host"]} == {
         "master_params": 4 * psi_2 // WORLD, "optimizer_states": 8 * psi_2 // WORLD, "grads": 4 * psi_2 // WORLD}
+    # the census (every tensor alive in the rank, by dtype, not asking the engine) agrees: bf16 is the
+    # device's 2Ψ + 2Ψ/N, fp32 the host's 16Ψ/N
+    assert r["census"] == {"bfloat16": 2 * PSI + 2 * psi_2 // WORLD, "float32": 16 * psi_2 // WORLD}, r["census"]
 assert [r["losses"] for r in offloaded] == [r["losses"] for r in runs[2]]
 print("offload: device", sum(w["device"] for w in placement.values()) / PSI, "Ψ, host",
       sum(w["host"] for w in placement.values()) / PSI, "Ψ")
